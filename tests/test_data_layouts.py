@@ -1,0 +1,88 @@
+"""Each real layout loads into the samples table with masks that line up with the defects."""
+import numpy as np
+import pytest
+
+import trees
+from core.data import (anomaly_types, load_dataset, load_folder, load_mvtec_3d, load_mvtec_ad, load_mvtec_loco,
+                       load_visa, read_image, read_mask)
+
+
+def _square(defect):
+    y, x, s = defect
+    m = np.zeros((trees.SIZE, trees.SIZE), bool)
+    m[y:y + s, x:x + s] = True
+    return m
+
+
+def test_mvtec_ad_table_masks_and_grayscale(tmp_path):
+    root = trees.mvtec_ad(tmp_path / "mvtec")
+    table = load_mvtec_ad(root)
+    assert {s.product for s in table} == {"widget", "gridlike"}
+    w = [s for s in table if s.product == "widget"]
+    assert sum(s.split == "train" for s in w) == 4 and sum(s.split == "test" and s.label == 0 for s in w) == 2
+    assert anomaly_types(w) == ["hole", "scratch"]
+    for s in table:
+        if s.label == 1:
+            i = int(s.name[:3])
+            assert np.array_equal(read_mask(s.mask_paths), _square(trees.defect_at(i)))
+            assert s.mask_paths[0].endswith(f"ground_truth/{s.anomaly_type}/{i:03d}_mask.png")
+        else:
+            assert s.mask_paths == () and s.anomaly_type == "good"
+    g = next(s for s in table if s.product == "gridlike")
+    img = read_image(g.path)
+    assert img.shape == (trees.SIZE, trees.SIZE, 3) and np.array_equal(img[..., 0], img[..., 2])
+
+
+def test_visa_csv_and_class_id_masks(tmp_path):
+    root = trees.visa(tmp_path / "visa")
+    table = load_visa(root)
+    assert {s.product for s in table} == {"pcb9", "candle"}
+    c = [s for s in table if s.product == "candle"]
+    assert [s.split for s in c if s.label == 0].count("train") == 4
+    an = [s for s in c if s.label == 1]
+    assert len(an) == 3 and {s.anomaly_type for s in an} == {"anomaly"}
+    for s in an:
+        i = int(s.name[:3])
+        raw = np.asarray(__import__("PIL.Image", fromlist=["Image"]).open(s.mask_paths[0]))
+        assert raw.max() == 1 + i % 3  # class id on disk ...
+        assert np.array_equal(read_mask(s.mask_paths), _square(trees.defect_at(i)))  # ... binarised on read
+
+
+def test_mvtec_3d_nested_rgb_gt(tmp_path):
+    root = trees.mvtec_3d(tmp_path / "m3d")
+    table = load_mvtec_3d(root)
+    assert {s.split for s in table} == {"train", "validation", "test"}
+    assert all("/rgb/" in s.path for s in table)
+    an = [s for s in table if s.label == 1]
+    assert len(an) == 6 and all("/gt/" in s.mask_paths[0] for s in an)
+    for s in an:
+        assert np.array_equal(read_mask(s.mask_paths), _square(trees.defect_at(int(s.name[:3]))))
+    assert all(s.mask_paths == () for s in table if s.label == 0)
+
+
+def test_mvtec_loco_masks_are_unioned(tmp_path):
+    root = trees.mvtec_loco(tmp_path / "loco")
+    table = load_mvtec_loco(root)
+    an = [s for s in table if s.label == 1]
+    assert {s.anomaly_type for s in an} == {"logical_anomalies", "structural_anomalies"}
+    for s in an:
+        assert len(s.mask_paths) == 2
+        m = read_mask(s.mask_paths)
+        assert np.array_equal(m, _square((1, 1, 4)) | _square((9, 9, 5)))
+    assert sum(s.split == "validation" for s in table) == 2
+
+
+def test_folder_accepts_generated_tree_without_train(tmp_path):
+    root = trees.mvtec_ad(tmp_path / "gen", products=("widget",), n_train=0)
+    with pytest.raises(Exception, match="train/good"):
+        load_mvtec_ad(root)
+    table = load_folder(root)
+    assert len(table) == 2 + 6 and not any(s.split == "train" for s in table)
+
+
+def test_load_dataset_registry_and_product_filter(tmp_path):
+    root = trees.mvtec_ad(tmp_path / "mvtec")
+    table = load_dataset("mvtec_ad", root, "widget")
+    assert {s.product for s in table} == {"widget"}
+    with pytest.raises(ValueError, match="Available: synthetic, mvtec_ad"):
+        load_dataset("mvtecc", root)

@@ -1,0 +1,86 @@
+"""The command-line scripts, run as a user runs them."""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+import trees
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def run(script, *args, env=None):
+    return subprocess.run([sys.executable, str(REPO / "scripts" / script), *args], capture_output=True, text=True,
+                          cwd=REPO, env={**os.environ, **(env or {})}, timeout=300)
+
+
+@pytest.mark.parametrize("name,make,product,expected", [
+    ("mvtec_ad", trees.mvtec_ad, "widget", {"train": {"good": 4}, "test": {"good": 2, "hole": 3, "scratch": 3}}),
+    ("visa", trees.visa, "candle", {"train": {"good": 4}, "test": {"anomaly": 3, "good": 2}}),
+    ("mvtec_3d", trees.mvtec_3d, "bagel", {"train": {"good": 3}, "validation": {"good": 2},
+                                           "test": {"crack": 3, "good": 2, "hole": 3}}),
+    ("mvtec_loco", trees.mvtec_loco, "breakfast_box", {"train": {"good": 3}, "validation": {"good": 2},
+                                                       "test": {"good": 2, "logical_anomalies": 2, "structural_anomalies": 2}}),
+])
+def test_inspect_reads_every_layout(tmp_path, name, make, product, expected):
+    root = make(tmp_path / name)
+    r = run("inspect_dataset.py", f"dataset={name}", f"dataset.root={root}", f"product={product}", "format=json")
+    assert r.returncode == 0, r.stderr
+    assert json.loads(r.stdout) == {product: expected}
+
+
+def test_inspect_split_protocol_and_table(tmp_path):
+    root = trees.mvtec_ad(tmp_path / "m", n_per_type=6)
+    r = run("inspect_dataset.py", "dataset=mvtec_ad", f"dataset.root={root}", "split=one_third", "format=json")
+    c = json.loads(r.stdout)
+    assert c["widget"]["train"] == {"good": 4, "hole": 2, "scratch": 2}
+    assert c["widget"]["test"] == {"good": 2, "hole": 4, "scratch": 4}
+    r = run("inspect_dataset.py", "dataset=mvtec_ad", f"dataset.root={root}", "split=two_fold", "split.fold=1")
+    assert r.returncode == 0 and "widget" in r.stdout and "hole: 3" in r.stdout
+
+
+@pytest.mark.parametrize("args,message", [
+    (["dataset=mvtec_ad", "dataset.root=/nonexistent/x"], "does not exist"),
+    (["dataset=mvtec_ad"], "dataset.root is not set"),
+    (["dataset=mvtec_ad", "product=bottle"], "Available: gridlike, widget"),
+])
+def test_inspect_bad_input_exits_nonzero(tmp_path, args, message):
+    root = trees.mvtec_ad(tmp_path / "m")
+    if "product=bottle" in args:
+        args = args + [f"dataset.root={root}"]
+    r = run("inspect_dataset.py", *args)
+    assert r.returncode == 2 and message in r.stderr and r.stdout == ""
+
+
+def test_inspect_corrupt_tree_exits_nonzero(tmp_path):
+    root = trees.mvtec_ad(tmp_path / "m")
+    (root / "widget/test/scratch/000.png").write_bytes(b"garbage")
+    r = run("inspect_dataset.py", "dataset=mvtec_ad", f"dataset.root={root}")
+    assert r.returncode == 2 and "scratch/000.png" in r.stderr
+
+
+def test_make_synthetic_inspect_and_contact_sheet(tmp_path):
+    out = tmp_path / "world"
+    r = run("make_synthetic.py", f"out_dir={out}", "resolution=64", "n_train_good=4", "n_test_good=2", "n_per_type=2",
+            "products=[bottle,carpet]", "workers=1")
+    assert r.returncode == 0, r.stderr
+    sheet = out / "contact_sheet.png"
+    assert Image.open(sheet).size[0] > 64 * 6
+    r = run("inspect_dataset.py", "dataset=synthetic", f"dataset.root={out}", "format=json")
+    c = json.loads(r.stdout)
+    assert set(c) == {"bottle", "carpet"} and c["bottle"]["train"] == {"good": 4}
+    assert c["bottle"]["test"]["crack"] == 2
+    r = run("contact_sheet.py", f"root={out}", "product=carpet", f"out={tmp_path / 'c.png'}", "per_row=3")
+    assert r.returncode == 0 and Image.open(tmp_path / "c.png").size[1] == 128 * 6  # carpet: train/good, test/good, 4 defect types
+
+
+def test_synthetic_dataset_builds_on_first_use(tmp_path):
+    r = run("inspect_dataset.py", "dataset=synthetic", "dataset.resolution=64", "product=pill", "format=json",
+            env={"ANOMALY_DATA": str(tmp_path)})
+    assert r.returncode == 0, r.stderr
+    assert json.loads(r.stdout)["pill"]["train"] == {"good": 200}
+    assert (tmp_path / "synthetic" / "seed0_res64" / "world.json").is_file()

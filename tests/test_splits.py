@@ -1,0 +1,67 @@
+"""Split protocols: deterministic, by file name order, train and test disjoint."""
+import math
+
+import pytest
+
+import trees
+from core.data import apply_split, load_mvtec_ad
+
+
+@pytest.fixture
+def table(tmp_path):
+    # 7 images per type: floors and ceils differ, so off-by-one errors show
+    return load_mvtec_ad(trees.mvtec_ad(tmp_path / "m", n_per_type=7, n_train=5, n_test_good=3))
+
+
+def _names(samples, product="widget", atype="scratch"):
+    return [s.name for s in samples if s.product == product and s.anomaly_type == atype]
+
+
+@pytest.mark.parametrize("protocol,kw", [("none", {}), ("one_third", {}), ("half", {}), ("two_fold", {"fold": 0}),
+                                         ("two_fold", {"fold": 1}), ("k_shot", {"k": 2, "seed": 3})])
+def test_disjoint_deterministic_and_complete(table, protocol, kw):
+    a, b = apply_split(table, protocol, **kw), apply_split(list(reversed(table)), protocol, **kw)
+    assert sorted(s.path for s in a.train) == sorted(s.path for s in b.train)  # input order does not matter
+    train, test = {s.path for s in a.train}, {s.path for s in a.test}
+    assert not train & test
+    if protocol != "k_shot":
+        assert len(train) + len(test) == len(table)
+
+
+def test_one_third_takes_first_third_by_name(table):
+    sp = apply_split(table, "one_third")
+    assert _names(sp.train) == ["000.png", "001.png"]  # floor(7/3) = 2
+    assert _names(sp.test) == [f"{i:03d}.png" for i in range(2, 7)]
+    assert sum(s.label == 0 for s in sp.train) == 2 * 5 and sum(s.label == 0 for s in sp.test) == 2 * 3
+
+
+def test_one_third_keeps_one_when_few(tmp_path):
+    t = load_mvtec_ad(trees.mvtec_ad(tmp_path / "m", n_per_type=2))
+    assert _names(apply_split(t, "one_third").train) == ["000.png"]
+
+
+def test_half_and_two_fold(table):
+    assert _names(apply_split(table, "half").train) == [f"{i:03d}.png" for i in range(3)]
+    f0, f1 = apply_split(table, "two_fold", fold=0), apply_split(table, "two_fold", fold=1)
+    assert _names(f0.train) == [f"{i:03d}.png" for i in range(math.ceil(7 / 2))]
+    assert _names(f1.train) == _names(f0.test) and _names(f0.train) == _names(f1.test)
+    with pytest.raises(ValueError, match="fold=0 or fold=1"):
+        apply_split(table, "two_fold", fold=2)
+
+
+def test_k_shot_seeded(table):
+    a = apply_split(table, "k_shot", k=2, seed=0)
+    b = apply_split(table, "k_shot", k=2, seed=0)
+    assert [s.path for s in a.train] == [s.path for s in b.train]
+    assert all(s.label == 0 and s.split == "train" for s in a.train)
+    assert {s.product for s in a.train} == {"widget", "gridlike"} and len(a.train) == 4
+    draws = {tuple(s.name for s in apply_split(table, "k_shot", k=2, seed=sd).train if s.product == "widget")
+             for sd in range(8)}
+    assert len(draws) > 1  # the seed matters
+    with pytest.raises(ValueError, match="only 5 normal"):
+        apply_split(table, "k_shot", k=6)
+
+
+def test_unknown_protocol(table):
+    with pytest.raises(ValueError, match="Available: none, one_third"):
+        apply_split(table, "thirds")
