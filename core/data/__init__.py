@@ -1,0 +1,72 @@
+"""Data layer: one loader per dataset -> a validated samples table; split protocols; the synthetic world.
+
+Import-light on purpose (no torch): spawn workers of the world builder import this package.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Callable, Iterable
+
+from .folder import load_folder
+from .mvtec_3d import load_mvtec_3d
+from .mvtec_ad import load_mvtec_ad
+from .mvtec_loco import load_mvtec_loco
+from .splits import PROTOCOLS, Split, apply_split
+from .table import DatasetError, Sample, anomaly_types, counts, read_image, read_mask, validate_files
+from .visa import load_visa
+
+
+def load_synthetic(root: str | Path, products: Iterable[str] | str | None = None, seed: int = 0,
+                   resolution: int = 128, build: bool = True) -> list[Sample]:
+    """The synthetic world at ``root``; built there first (about half a minute) if it is not there yet."""
+    from .synthetic import WorldConfig, build_world
+
+    root = Path(root).expanduser()
+    if not root.exists() and build:
+        build_world(root, WorldConfig(seed=seed, resolution=resolution))
+    return load_mvtec_ad(root, products)
+
+
+DATASETS: dict[str, Callable[..., list[Sample]]] = {
+    "synthetic": load_synthetic,
+    "mvtec_ad": load_mvtec_ad,
+    "visa": load_visa,
+    "mvtec_3d": load_mvtec_3d,
+    "mvtec_loco": load_mvtec_loco,
+    "folder": load_folder,
+}
+
+
+def load_dataset(name: str, root: str | Path, products: Iterable[str] | str | None = None,
+                 validate: bool = True, **options) -> list[Sample]:
+    """Samples table of dataset ``name`` at ``root``; ``validate`` opens every image and mask header."""
+    if name not in DATASETS:
+        raise DatasetError(f"Unknown dataset '{name}'. Available: {', '.join(DATASETS)}.")
+    table = DATASETS[name](root, products, **options)
+    if validate:
+        validate_files(table)
+    return table
+
+
+__all__ = ["DATASETS", "PROTOCOLS", "DatasetError", "Sample", "Split", "anomaly_types", "apply_split", "counts",
+           "load_dataset", "load_folder", "load_mvtec_3d", "load_mvtec_ad", "load_mvtec_loco", "load_synthetic",
+           "load_visa", "read_image", "read_mask", "validate_files"]
+
+
+def load_from_config(dataset_cfg, products: Iterable[str] | str | None = None, validate: bool = True) -> list[Sample]:
+    """Samples table from a ``dataset/*.yaml`` node (name, root, and loader options)."""
+    opts = {k: v for k, v in dict(dataset_cfg).items() if k not in ("name", "root")}
+    if dataset_cfg.get("root") in (None, "", "???"):
+        raise DatasetError(
+            f"dataset.root is not set for dataset '{dataset_cfg['name']}'. "
+            f"Fix: add dataset.root=/path/to/{dataset_cfg['name']} to the command line (layouts: README, 'Real datasets')."
+        )
+    if products is not None and not isinstance(products, str):
+        products = list(products)
+    return load_dataset(dataset_cfg["name"], dataset_cfg["root"], products, validate=validate, **opts)
+
+
+def split_from_config(table: list[Sample], split_cfg) -> Split:
+    """Apply a ``split/*.yaml`` node (name plus fold / k / seed)."""
+    d = dict(split_cfg)
+    return apply_split(table, d.pop("name"), **d)
