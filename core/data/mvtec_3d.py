@@ -9,7 +9,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Iterable
 
-from .table import GOOD, DatasetError, Sample, check_nonempty_type, list_images, require_root, select_products
+from .table import GOOD, DatasetError, Sample, list_images, require_root, select_products, type_folders
 
 LAYOUT = "<root>/<product>/{train,validation}/good/rgb/*.png and <root>/<product>/test/<type>/{rgb,gt}/*.png"
 
@@ -20,26 +20,20 @@ def load_mvtec_3d(root: str | Path, products: Iterable[str] | str | None = None)
     rows: list[Sample] = []
     for product in select_products(available, products, root):
         pdir = root / product
-        for split in ("train", "validation", "test"):
-            sdir = pdir / split
-            if not sdir.is_dir():
-                continue
-            for type_dir in sorted(d for d in sdir.iterdir() if d.is_dir()):
-                atype = type_dir.name
-                images = list_images(type_dir / "rgb")
-                check_nonempty_type(type_dir / "rgb", images)
-                gt_dir = type_dir / "gt"
-                for img in images:
-                    if atype == GOOD:
-                        rows.append(Sample(str(img), split, product, GOOD, 0))
-                        continue
-                    mask = gt_dir / f"{img.stem}.png"
-                    if not mask.is_file():
-                        raise DatasetError(f"Anomalous image '{img}' has no mask; expected '{mask}'. Fix: add it or remove the image.")
-                    rows.append(Sample(str(img), split, product, atype, 1, (str(mask),)))
-                if atype != GOOD and gt_dir.is_dir():
-                    stems = {p.stem for p in images}
-                    for m in list_images(gt_dir):
-                        if m.stem not in stems:
-                            raise DatasetError(f"Mask '{m}' has no image; expected '{type_dir / 'rgb' / m.name}'. Fix: add it or remove the mask.")
+        for split, atype, images in type_folders(pdir, ("train", "validation", "test"), "rgb"):
+            type_dir = pdir / split / atype
+            gt_dir = type_dir / "gt"
+            for img in images:
+                if atype == GOOD:
+                    rows.append(Sample(str(img), split, product, GOOD, 0))
+                    continue
+                mask = gt_dir / f"{img.stem}.png"
+                if not mask.is_file():
+                    raise DatasetError(f"Anomalous image '{img}' has no mask; expected '{mask}'. Fix: add it or remove the image.")
+                rows.append(Sample(str(img), split, product, atype, 1, (str(mask),)))
+            if atype != GOOD and gt_dir.is_dir():
+                stems = {p.stem for p in images}
+                for m in list_images(gt_dir):
+                    if m.stem not in stems:
+                        raise DatasetError(f"Mask '{m}' has no image; expected '{type_dir / 'rgb' / m.name}'. Fix: add it or remove the mask.")
     return rows

@@ -11,7 +11,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Iterable
 
-from .table import GOOD, DatasetError, Sample, check_nonempty_type, list_images, require_root, select_products
+from .table import GOOD, DatasetError, Sample, list_images, require_root, select_products, type_folders
 
 LAYOUT = "<root>/<product>/{train/good, test/<type>}/*.png and <root>/<product>/ground_truth/<type>/<stem>_mask.png"
 
@@ -33,27 +33,21 @@ def load_product(root: Path, product: str, require_train: bool = True) -> list[S
     train_dir = pdir / "train" / GOOD
     if require_train and not list_images(train_dir):
         raise DatasetError(f"'{train_dir}' holds no images. Expected normal training images in {LAYOUT}.")
-    for split_dir in (pdir / "train", pdir / "test"):
-        if not split_dir.is_dir():
-            continue
-        for type_dir in sorted(d for d in split_dir.iterdir() if d.is_dir()):
-            images = list_images(type_dir)
-            check_nonempty_type(type_dir, images)
-            atype = type_dir.name
-            if split_dir.name == "train" and atype != GOOD:
-                raise DatasetError(f"'{type_dir}': only train/good is expected under train/ in {LAYOUT}.")
-            gt_dir = pdir / "ground_truth" / atype
-            for img in images:
-                if atype == GOOD:
-                    rows.append(Sample(str(img), split_dir.name, product, GOOD, 0))
-                    continue
-                mask = _mask_for(gt_dir, img)
-                if mask is None:
-                    raise DatasetError(
-                        f"Anomalous image '{img}' has no mask; expected '{gt_dir / (img.stem + '_mask.png')}'.\n"
-                        f"Fix: add the mask, or remove the image."
-                    )
-                rows.append(Sample(str(img), split_dir.name, product, atype, 1, (str(mask),)))
+    for split, atype, images in type_folders(pdir, ("train", "test")):
+        if split == "train" and atype != GOOD:
+            raise DatasetError(f"'{pdir / split / atype}': only train/good is expected under train/ in {LAYOUT}.")
+        gt_dir = pdir / "ground_truth" / atype
+        for img in images:
+            if atype == GOOD:
+                rows.append(Sample(str(img), split, product, GOOD, 0))
+                continue
+            mask = _mask_for(gt_dir, img)
+            if mask is None:
+                raise DatasetError(
+                    f"Anomalous image '{img}' has no mask; expected '{gt_dir / (img.stem + '_mask.png')}'.\n"
+                    f"Fix: add the mask, or remove the image."
+                )
+            rows.append(Sample(str(img), split, product, atype, 1, (str(mask),)))
     # masks without images
     gt_root = pdir / "ground_truth"
     if gt_root.is_dir():

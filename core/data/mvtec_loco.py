@@ -9,7 +9,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Iterable
 
-from .table import GOOD, DatasetError, Sample, check_nonempty_type, list_images, require_root, select_products
+from .table import GOOD, DatasetError, Sample, list_images, require_root, select_products, type_folders
 
 LAYOUT = "<root>/<product>/{train,validation,test}/<type>/*.png and <root>/<product>/ground_truth/<type>/<stem>/*.png"
 
@@ -20,26 +20,19 @@ def load_mvtec_loco(root: str | Path, products: Iterable[str] | str | None = Non
     rows: list[Sample] = []
     for product in select_products(available, products, root):
         pdir = root / product
-        for split in ("train", "validation", "test"):
-            sdir = pdir / split
-            if not sdir.is_dir():
-                continue
-            for type_dir in sorted(d for d in sdir.iterdir() if d.is_dir()):
-                atype = type_dir.name
-                images = list_images(type_dir)
-                check_nonempty_type(type_dir, images)
-                for img in images:
-                    if atype == GOOD:
-                        rows.append(Sample(str(img), split, product, GOOD, 0))
-                        continue
-                    mdir = pdir / "ground_truth" / atype / img.stem
-                    masks = list_images(mdir)
-                    if not masks:
-                        raise DatasetError(
-                            f"Anomalous image '{img}' has no mask; expected one or more PNGs in '{mdir}'. "
-                            f"Fix: add them or remove the image."
-                        )
-                    rows.append(Sample(str(img), split, product, atype, 1, tuple(str(m) for m in masks)))
+        for split, atype, images in type_folders(pdir, ("train", "validation", "test")):
+            for img in images:
+                if atype == GOOD:
+                    rows.append(Sample(str(img), split, product, GOOD, 0))
+                    continue
+                mdir = pdir / "ground_truth" / atype / img.stem
+                masks = list_images(mdir)
+                if not masks:
+                    raise DatasetError(
+                        f"Anomalous image '{img}' has no mask; expected one or more PNGs in '{mdir}'. "
+                        f"Fix: add them or remove the image."
+                    )
+                rows.append(Sample(str(img), split, product, atype, 1, tuple(str(m) for m in masks)))
         gt_root = pdir / "ground_truth"
         if gt_root.is_dir():
             stems = {(s.anomaly_type, Path(s.path).stem) for s in rows if s.product == product}

@@ -95,6 +95,22 @@ def check_nonempty_type(folder: Path, images: list[Path]) -> None:
         )
 
 
+def type_folders(product_dir: Path, splits: Sequence[str], image_subdir: str = "") -> Iterable[tuple[str, str, list[Path]]]:
+    """(split, anomaly type, its images sorted by name) for each ``<product>/<split>/<type>[/<image_subdir>]``.
+
+    An anomaly-type folder without images is an error (``check_nonempty_type``).
+    """
+    for split in splits:
+        sdir = product_dir / split
+        if not sdir.is_dir():
+            continue
+        for type_dir in sorted(d for d in sdir.iterdir() if d.is_dir()):
+            folder = type_dir / image_subdir if image_subdir else type_dir
+            images = list_images(folder)
+            check_nonempty_type(folder, images)
+            yield split, type_dir.name, images
+
+
 # ----------------------------------------------------------------------------- reading
 
 
