@@ -81,6 +81,7 @@ def load_lpips(net: str = "vgg", backbone_weights: str | os.PathLike | None = No
     if net not in ("vgg", "alex"):
         raise ValueError(f"LPIPS backbone must be 'vgg' or 'alex', got '{net}'.")
     path = resolve_weights(backbone_weights, net, config_key)
+    # pretrained=True loads only the linear heads shipped in the wheel (local); pnet_rand=True stops the backbone download
     model = lpips.LPIPS(net=net, pretrained=True, pnet_rand=True, verbose=False)
     sd = torch.load(path, map_location="cpu", weights_only=True)
     # lpips slices torchvision's `features` Sequential keeping its indices: sliceK.<i>.weight <- features.<i>.weight
