@@ -90,9 +90,7 @@ class AnomalyDataset(Dataset):
         mask = read_mask(s.mask_paths, img.shape[:2])
         t = {"image": to_tensor(img), "mask": torch.from_numpy(mask)[None].float()}
         if self.paired_normals:
-            n = self.image_loader(self.paired_normals[i % len(self.paired_normals)].path)
-            nt = to_tensor(n)
-            t["normal"] = self.transform.resize(nt, False) if self.transform.size else nt
+            t["normal"] = to_tensor(self.image_loader(self.paired_normals[i % len(self.paired_normals)].path))
         g = torch.Generator().manual_seed(hash((self.seed, self.epoch, i)) & 0x7FFFFFFF)
         t = self.transform(t, g)
         t["mask"] = (t["mask"] > 0.5).float()
