@@ -709,7 +709,7 @@ class WorldConfig:
                 "pretrain_products": list(PRETRAIN_PRODUCTS)}
 
 
-_STREAM = {"train": 0, "test": 1, "oracle": 2}
+_STREAM = {"train": 0, "test": 1, "oracle": 2, "prior": 3}
 
 
 def sample_rng(seed: int, product: str, stream: str, atype: str, index: int) -> np.random.Generator:

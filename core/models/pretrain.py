@@ -1,0 +1,245 @@
+"""Pretraining of the mini prior: SD-class models learned from scratch on the synthetic world's pretraining products.
+
+Two stages, each resumable from its own checkpoint in ``work_dir``:
+1. VAE (``AutoencoderKL``): L1 + MSE reconstruction and a small KL term on random crops (the VAE is fully
+   convolutional, so crops cost a quarter of full images and cover the same statistics). Afterwards the latent
+   scaling factor is set to 1 / std of the latents, as SD did for its VAE.
+2. Text encoder + U-Net, jointly, with the epsilon-prediction loss of SD on the cached latents; captions drop to
+   "" with probability ``caption_dropout`` so that classifier-free guidance works; EMA of the U-Net weights.
+
+The training pool is drawn from the world's generator (stream "prior"), not from the on-disk benchmark tree: only
+``PRETRAIN_PRODUCTS`` appear, with their normal variation and all their defect types. The held-out benchmark products
+are never rendered here; their names stay in the tokenizer so that prompts about them can be written.
+"""
+from __future__ import annotations
+
+import math
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from ..data.synthetic import BENCHMARK_PRODUCTS, PRETRAIN_PRODUCTS, PRODUCTS, render, sample_rng
+from .loading import SDComponents, build_random
+
+DEFECT_PHRASES: dict[str, str] = {
+    "scratch": "a scratch", "crack": "a crack", "hole": "a hole", "stain": "a stain",
+    "contamination": "contamination", "missing": "a missing part", "bent": "a bent part",
+}
+NORMAL_TEMPLATES = ("a photo of a {p}", "a photo of a good {p}", "a {p}", "a photo of a flawless {p}")
+DEFECT_TEMPLATES = ("a photo of a {p} with {d}", "a {p} with {d}", "a photo of a {p} that is damaged",
+                    "a photo of a damaged {p}", "a photo of a defective {p}")
+
+
+def product_words(product: str) -> str:
+    return product.replace("_", " ")
+
+
+def caption(product: str, defect: str | None, rng: np.random.Generator) -> str:
+    """One caption for an image of ``product`` (with ``defect`` or normal), template drawn from ``rng``."""
+    p = product_words(product)
+    if defect is None:
+        return NORMAL_TEMPLATES[rng.integers(len(NORMAL_TEMPLATES))].format(p=p)
+    return DEFECT_TEMPLATES[rng.integers(len(DEFECT_TEMPLATES))].format(p=p, d=DEFECT_PHRASES[defect])
+
+
+@dataclass
+class Pool:
+    images: np.ndarray  # (N, H, W, 3) uint8
+    products: list[str]
+    defects: list[str | None]
+
+
+def render_pool(products: tuple[str, ...], normal_per_product: int, defect_per_product: int, resolution: int,
+                seed: int, desc: str = "render pool") -> Pool:
+    """Normal and defective renders of ``products`` from the world's "prior" stream (defect types round-robin)."""
+    images, prods, defects = [], [], []
+    jobs = []
+    for p in products:
+        jobs += [(p, None, i) for i in range(normal_per_product)]
+        types = PRODUCTS[p].defects
+        jobs += [(p, types[i % len(types)], i) for i in range(defect_per_product)]
+    for p, d, i in tqdm(jobs, desc=desc, leave=False):
+        r = render(p, sample_rng(seed, p, "prior", d or "good", i), resolution, d)
+        images.append(r.image)
+        prods.append(p)
+        defects.append(d)
+    return Pool(np.stack(images), prods, defects)
+
+
+def _to_tensor(images: np.ndarray) -> torch.Tensor:
+    return torch.from_numpy(images).permute(0, 3, 1, 2).float() / 255.0
+
+
+def _save_atomic(obj: Any, path: Path) -> None:
+    tmp = path.with_suffix(".tmp")
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+def _lr_lambda(warmup: int, total: int):
+    def f(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, total - warmup)))
+    return f
+
+
+def train_vae(comp: SDComponents, pool: Pool, cfg: dict, work_dir: Path, seed: int) -> dict:
+    """Stage 1. Returns timing and the final losses; sets ``vae.config.scaling_factor``."""
+    vae = comp.vae.train()
+    opt = torch.optim.AdamW(vae.parameters(), lr=cfg["lr"], weight_decay=0.0)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, _lr_lambda(cfg.get("warmup", 100), cfg["steps"]))
+    ckpt, start = work_dir / "vae_state.pt", 0
+    if ckpt.is_file():
+        state = torch.load(ckpt, map_location="cpu", weights_only=False)
+        vae.load_state_dict(state["model"]), opt.load_state_dict(state["opt"]), sched.load_state_dict(state["sched"])
+        start = state["step"]
+    images = _to_tensor(pool.images)
+    crop, batch = int(cfg["crop"]), int(cfg["batch"])
+    res = images.shape[-1]
+    t0, losses = time.perf_counter(), []
+    bar = tqdm(range(start, cfg["steps"]), desc="VAE", initial=start, total=cfg["steps"])
+    for step in bar:
+        g = torch.Generator().manual_seed(seed * 1_000_003 + step)
+        idx = torch.randint(len(images), (batch,), generator=g)
+        ys = torch.randint(res - crop + 1, (batch,), generator=g)
+        xs = torch.randint(res - crop + 1, (batch,), generator=g)
+        x = torch.stack([images[i, :, y:y + crop, x_:x_ + crop] for i, y, x_ in zip(idx, ys, xs)]) * 2 - 1
+        flip = torch.rand(batch, generator=g) < 0.5
+        x = torch.where(flip[:, None, None, None], x.flip(-1), x)
+        dist = vae.encode(x).latent_dist
+        rec = vae.decode(dist.sample(g)).sample
+        rec_loss = F.l1_loss(rec, x) + F.mse_loss(rec, x)
+        loss = rec_loss + cfg["kl_weight"] * dist.kl().mean()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(vae.parameters(), 1.0)
+        opt.step(), sched.step()
+        losses.append(rec_loss.item())
+        bar.set_postfix(rec=f"{np.mean(losses[-50:]):.4f}")
+        if (step + 1) % cfg["checkpoint_every"] == 0 or step + 1 == cfg["steps"]:
+            _save_atomic({"model": vae.state_dict(), "opt": opt.state_dict(), "sched": sched.state_dict(),
+                          "step": step + 1}, ckpt)
+    vae.eval()
+    with torch.no_grad():
+        z = torch.cat([vae.encode(images[i:i + 64] * 2 - 1).latent_dist.mean for i in range(0, min(len(images), 512), 64)])
+    vae.register_to_config(scaling_factor=float(1.0 / z.std()))
+    return {"seconds": time.perf_counter() - t0, "steps_run": cfg["steps"] - start,
+            "final_rec_loss": float(np.mean(losses[-50:])) if losses else None,
+            "scaling_factor": vae.config.scaling_factor}
+
+
+@torch.no_grad()
+def encode_pool(comp: SDComponents, pool: Pool, batch: int = 64) -> torch.Tensor:
+    images = _to_tensor(pool.images)
+    comp.vae.eval()
+    return torch.cat([comp.encode_images(images[i:i + batch]) for i in range(0, len(images), batch)])
+
+
+def train_denoiser(comp: SDComponents, pool: Pool, latents: torch.Tensor, cfg: dict, work_dir: Path,
+                   seed: int) -> dict:
+    """Stage 2: text encoder + U-Net with SD's noise-prediction loss; EMA weights end up in ``comp.unet``."""
+    unet, text = comp.unet.train(), comp.text_encoder.train()
+    ema = {k: v.detach().clone() for k, v in unet.state_dict().items()}
+    params = [{"params": unet.parameters(), "lr": cfg["lr"]}, {"params": text.parameters(), "lr": cfg["text_lr"]}]
+    opt = torch.optim.AdamW(params, weight_decay=cfg.get("weight_decay", 0.01))
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, _lr_lambda(cfg["warmup"], cfg["steps"]))
+    ckpt, start = work_dir / "denoiser_state.pt", 0
+    if ckpt.is_file():
+        state = torch.load(ckpt, map_location="cpu", weights_only=False)
+        unet.load_state_dict(state["unet"]), text.load_state_dict(state["text"]), opt.load_state_dict(state["opt"])
+        sched.load_state_dict(state["sched"])
+        ema, start = state["ema"], state["step"]
+    T = comp.scheduler.config.num_train_timesteps
+    batch, t0, losses = int(cfg["batch"]), time.perf_counter(), []
+    bar = tqdm(range(start, cfg["steps"]), desc="U-Net + text", initial=start, total=cfg["steps"])
+    for step in bar:
+        g = torch.Generator().manual_seed(seed * 1_000_033 + step)
+        rng = np.random.default_rng([seed, step])
+        idx = torch.randint(len(latents), (batch,), generator=g)
+        captions = ["" if rng.random() < cfg["caption_dropout"] else caption(pool.products[i], pool.defects[i], rng)
+                    for i in idx.tolist()]
+        z0 = latents[idx]
+        eps = torch.randn(z0.shape, generator=g)
+        t = torch.randint(T, (batch,), generator=g)
+        zt = comp.scheduler.add_noise(z0, eps, t)
+        ctx = comp.encode_prompt(captions)
+        loss = F.mse_loss(unet(zt, t, ctx).sample, eps)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(list(unet.parameters()) + list(text.parameters()), 1.0)
+        opt.step(), sched.step()
+        decay = min(cfg["ema"], (1 + step) / (10 + step))
+        with torch.no_grad():
+            for k, v in unet.state_dict().items():
+                ema[k].mul_(decay).add_(v.detach(), alpha=1 - decay) if v.dtype.is_floating_point else ema[k].copy_(v)
+        losses.append(loss.item())
+        bar.set_postfix(loss=f"{np.mean(losses[-100:]):.4f}")
+        if (step + 1) % cfg["checkpoint_every"] == 0 or step + 1 == cfg["steps"]:
+            _save_atomic({"unet": unet.state_dict(), "text": text.state_dict(), "opt": opt.state_dict(),
+                          "sched": sched.state_dict(), "ema": ema, "step": step + 1}, ckpt)
+    unet.load_state_dict(ema)
+    unet.eval(), text.eval()
+    return {"seconds": time.perf_counter() - t0, "steps_run": cfg["steps"] - start,
+            "final_loss": float(np.mean(losses[-100:])) if losses else None}
+
+
+@torch.no_grad()
+def vae_reconstruction(comp: SDComponents, products: tuple[str, ...], n_per_product: int, resolution: int,
+                       seed: int) -> dict[str, dict[str, float]]:
+    """Per-product MSE and PSNR (images in [0, 1]) of encode -> decode on fresh renders (normal and defective)."""
+    out = {}
+    for p in products:
+        pool = render_pool((p,), n_per_product - n_per_product // 2, n_per_product // 2, resolution, seed + 1,
+                           desc=f"eval {p}")
+        x = _to_tensor(pool.images)
+        rec = comp.decode_latents(comp.encode_images(x))
+        mse = float(((rec - x) ** 2).mean())
+        out[p] = {"mse": mse, "psnr": float(10 * math.log10(1.0 / max(mse, 1e-12)))}
+    return out
+
+
+def pretrain(cfg: dict, out_dir: str | Path, work_dir: str | Path) -> dict:
+    """Both stages, then ``comp.save(out_dir)`` with the config beside it. Returns the training report."""
+    torch.manual_seed(cfg["seed"])
+    if cfg.get("threads"):
+        torch.set_num_threads(int(cfg["threads"]))
+    work_dir, out_dir = Path(work_dir), Path(out_dir)
+    work_dir.mkdir(parents=True, exist_ok=True)
+    comp = build_random(cfg["architecture"], seed=cfg["seed"])
+    if comp.resolution != cfg["resolution"]:
+        raise ValueError(f"Architecture '{cfg['architecture']}' is built for {comp.resolution} px, "
+                         f"but resolution={cfg['resolution']}.")
+    t0 = time.perf_counter()
+    pool = render_pool(tuple(cfg["products"]), cfg["pool"]["normal_per_product"], cfg["pool"]["defect_per_product"],
+                       cfg["resolution"], cfg["seed"])
+    report: dict[str, Any] = {"pool_images": len(pool.images), "render_seconds": time.perf_counter() - t0}
+    report["vae"] = train_vae(comp, pool, {**cfg["vae"], "checkpoint_every": cfg["checkpoint_every"]}, work_dir,
+                              cfg["seed"])
+    latents = encode_pool(comp, pool)
+    report["denoiser"] = train_denoiser(comp, pool, latents, {**cfg["unet"], "checkpoint_every": cfg["checkpoint_every"]},
+                                        work_dir, cfg["seed"])
+    report["total_seconds"] = time.perf_counter() - t0
+    comp.source = {"kind": "mini_prior", "architecture": cfg["architecture"], "seed": cfg["seed"],
+                   "products": list(cfg["products"]), "held_out": [p for p in BENCHMARK_PRODUCTS]}
+    save_prior(comp, out_dir, cfg, half=cfg.get("save_half", True))
+    return report
+
+
+def save_prior(comp: SDComponents, out_dir: Path, cfg: dict, half: bool) -> None:
+    """Save in float16 (half the repository size; loading casts back to float32)."""
+    if half:
+        comp.unet.half(), comp.vae.half(), comp.text_encoder.half()
+    comp.save(out_dir, cfg)
+    comp.unet.float(), comp.vae.float(), comp.text_encoder.float()
+
+
+__all__ = ["DEFECT_PHRASES", "Pool", "caption", "encode_pool", "pretrain", "render_pool", "train_denoiser",
+           "train_vae", "vae_reconstruction", "PRETRAIN_PRODUCTS", "BENCHMARK_PRODUCTS"]

@@ -1,0 +1,180 @@
+"""Attention capture and editing: the maps are the softmax the paper asks for, only requested layers change, edits
+act exactly as attention computed by hand, gradients flow, and processors come back even after an error."""
+import pytest
+import torch
+
+from core.diffusion import (AttentionStore, RegionTokenMask, TokenReweight, attention_control, block_resolution,
+                            cross_attention_layers, layers_at)
+
+
+def _inputs(tiny, batch=2, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    z = torch.randn(batch, 4, tiny.latent_size, tiny.latent_size, generator=g)
+    with torch.no_grad():
+        ctx = tiny.encode_prompt(["a photo of a bottle with a scratch"] * batch)
+    return z, torch.tensor(500), ctx
+
+
+def test_layer_selection_by_block_and_resolution(tiny):
+    all_layers = cross_attention_layers(tiny.unet)
+    assert all_layers and all(n.endswith("attn2") for n in all_layers)
+    down = cross_attention_layers(tiny.unet, ["down_blocks.1", "down_blocks.2"])
+    assert down and all(n.startswith(("down_blocks.1.", "down_blocks.2.")) for n in down)
+    L = tiny.latent_size
+    assert {block_resolution(n, L, 4) for n in down} == {L // 2, L // 4}
+    enc = layers_at(tiny.unet, L, [L // 2, L // 4], parts=("down_blocks",))
+    assert enc == down
+    with pytest.raises(KeyError, match="down_blocks.0"):
+        cross_attention_layers(tiny.unet, ["down_blocks.0"])  # the mini layout has no attention at full latent size
+
+
+def test_controlled_forward_equals_sdpa_forward(tiny):
+    z, t, ctx = _inputs(tiny)
+    with torch.no_grad():
+        ref = tiny.unet(z, t, ctx).sample
+        with attention_control(tiny.unet, cross_attention_layers(tiny.unet), AttentionStore()):
+            got = tiny.unet(z, t, ctx).sample
+    torch.testing.assert_close(got, ref, atol=1e-5, rtol=1e-4)
+
+
+def test_token_softmax_maps_sum_to_one_over_tokens(tiny):
+    z, t, ctx = _inputs(tiny)
+    layers = cross_attention_layers(tiny.unet, ["down_blocks.1"])
+    store = AttentionStore(softmax="token")
+    with torch.no_grad(), attention_control(tiny.unet, layers, store):
+        tiny.unet(z, t, ctx)
+    m = store.latest(layers[0])  # (B, N, L)
+    assert m.shape == (2, (tiny.latent_size // 2) ** 2, ctx.shape[1])
+    torch.testing.assert_close(m.sum(-1), torch.ones(m.shape[:-1]))
+
+
+def test_spatial_softmax_maps_sum_to_one_over_positions(tiny):
+    z, t, ctx = _inputs(tiny)
+    layers = cross_attention_layers(tiny.unet, ["down_blocks.2"])
+    store = AttentionStore(softmax="spatial")
+    with torch.no_grad(), attention_control(tiny.unet, layers, store):
+        tiny.unet(z, t, ctx)
+    m = store.latest(layers[0])
+    torch.testing.assert_close(m.sum(-2), torch.ones(m.shape[0], m.shape[-1]))
+    assert not torch.allclose(m.sum(-1), torch.ones(m.shape[:-1]))  # really the other axis
+
+
+def test_only_requested_layers_are_captured_and_others_keep_their_processor(tiny):
+    z, t, ctx = _inputs(tiny)
+    requested = cross_attention_layers(tiny.unet, ["up_blocks.1"])
+    before = {n: type(p) for n, p in tiny.unet.attn_processors.items()}
+    store = AttentionStore()
+    with torch.no_grad(), attention_control(tiny.unet, requested, store):
+        during = {n: type(p).__name__ for n, p in tiny.unet.attn_processors.items()}
+        tiny.unet(z, t, ctx)
+    assert set(store.maps) == set(requested)
+    controlled = {n[: -len(".processor")] for n, c in during.items() if c == "ControlledAttnProcessor"}
+    assert controlled == set(requested)
+    assert {n: type(p) for n, p in tiny.unet.attn_processors.items()} == before
+
+
+def test_processors_restored_after_exception(tiny):
+    before = dict(tiny.unet.attn_processors)
+    with pytest.raises(RuntimeError, match="boom"):
+        with attention_control(tiny.unet, cross_attention_layers(tiny.unet), AttentionStore()):
+            raise RuntimeError("boom")
+    after = tiny.unet.attn_processors
+    assert all(after[k] is before[k] for k in before)
+
+
+def _by_hand(attn, x, ctx, logit_mask=None, prob_scale=None):
+    """Attention of one diffusers Attention module written out: softmax(QK^T/sqrt(d)) V, then the output projection."""
+    B, N, _ = x.shape
+    h = attn.heads
+    q, k, v = attn.to_q(x), attn.to_k(ctx), attn.to_v(ctx)
+    d = q.shape[-1] // h
+    q, k, v = (y.view(B, -1, h, d).transpose(1, 2) for y in (q, k, v))
+    logits = q @ k.transpose(-1, -2) / d ** 0.5
+    if logit_mask is not None:
+        logits = logits.masked_fill(~logit_mask, float("-inf"))
+    p = logits.softmax(-1)
+    if prob_scale is not None:
+        p = p * prob_scale
+    out = (p @ v).transpose(1, 2).reshape(B, N, h * d)
+    return attn.to_out[0](out)
+
+
+def test_region_mask_edit_matches_attention_by_hand(tiny):
+    name = cross_attention_layers(tiny.unet, ["down_blocks.1"])[0]
+    attn = dict(tiny.unet.named_modules())[name]
+    side, B = 8, 2
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(B, side * side, attn.to_q.in_features, generator=g)
+    ctx = torch.randn(B, 6, attn.to_k.in_features, generator=g)
+    region = torch.zeros(B, side, side)
+    region[:, 2:6, 1:5] = 1
+    group = [2, 3]  # these tokens may attend only inside the region; tokens 0, 1, 4, 5 are free
+    edit = RegionTokenMask([(group, region, True)])
+    allowed = torch.ones(B, 1, side * side, 6, dtype=torch.bool)
+    outside = region.flatten(1) < 0.5
+    allowed[:, 0][outside.unsqueeze(-1).expand(-1, -1, 6) & torch.isin(torch.arange(6), torch.tensor(group))] = False
+    with torch.no_grad():
+        expected = _by_hand(attn, x, ctx, logit_mask=allowed)
+        with attention_control(tiny.unet, [name], edit=edit):
+            got = attn(x, encoder_hidden_states=ctx)
+        plain = attn(x, encoder_hidden_states=ctx)
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
+    assert not torch.allclose(got, plain, atol=1e-4)
+
+
+def test_zeroing_a_token_group_after_softmax_matches_by_hand(tiny):
+    name = cross_attention_layers(tiny.unet, ["up_blocks.2"])[0]
+    attn = dict(tiny.unet.named_modules())[name]
+    g = torch.Generator().manual_seed(2)
+    x = torch.randn(1, 64, attn.to_q.in_features, generator=g)
+    ctx = torch.randn(1, 5, attn.to_k.in_features, generator=g)
+    scale = torch.ones(5)
+    scale[[1, 3]] = 0.0
+    with torch.no_grad():
+        expected = _by_hand(attn, x, ctx, prob_scale=scale)
+        with attention_control(tiny.unet, [name], edit=TokenReweight([1, 3], 0.0, on="probs")):
+            got = attn(x, encoder_hidden_states=ctx)
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
+
+
+def test_gradients_reach_the_latent_through_a_captured_map(tiny):
+    z, t, ctx = _inputs(tiny, batch=1)
+    z = z.requires_grad_(True)
+    layers = cross_attention_layers(tiny.unet, ["down_blocks.1", "down_blocks.2"])
+    store = AttentionStore(keep_grad=True)
+    with attention_control(tiny.unet, layers, store):
+        tiny.unet(z, t, ctx)
+    loss = store.mean_map(layers[:1])[..., 3].max()  # a CUT-style loss on one token's map
+    loss.backward()
+    assert z.grad is not None and z.grad.abs().sum() > 0
+    detached = AttentionStore(keep_grad=False)
+    with attention_control(tiny.unet, layers, detached):
+        tiny.unet(z, t, ctx)
+    assert detached.latest(layers[0]).grad_fn is None
+
+
+def test_cond_half_keeps_the_conditional_branch_of_a_cfg_batch(tiny):
+    z, t, ctx = _inputs(tiny, batch=1)
+    with torch.no_grad():
+        uncond = tiny.encode_prompt([""])
+    layers = cross_attention_layers(tiny.unet, ["down_blocks.1"])
+    both, alone = AttentionStore(cond_half=True), AttentionStore()
+    with torch.no_grad():
+        with attention_control(tiny.unet, layers, both):
+            tiny.unet(torch.cat([z, z]), t, torch.cat([uncond, ctx]))
+        with attention_control(tiny.unet, layers, alone):
+            tiny.unet(z, t, ctx)
+    torch.testing.assert_close(both.latest(layers[0]), alone.latest(layers[0]), atol=1e-5, rtol=1e-4)
+
+
+def test_mean_map_reshapes_to_the_layer_grid(tiny):
+    z, t, ctx = _inputs(tiny)
+    layers = cross_attention_layers(tiny.unet, ["down_blocks.1", "down_blocks.2"])
+    store = AttentionStore()
+    with torch.no_grad(), attention_control(tiny.unet, layers, store):
+        tiny.unet(z, t, ctx)
+    res1 = [n for n in layers if n.startswith("down_blocks.1")]
+    m = store.mean_map(res1)
+    assert m.shape == (2, tiny.latent_size // 2, tiny.latent_size // 2, ctx.shape[1])
+    with pytest.raises(ValueError, match="different resolutions"):
+        store.mean_map(layers)
