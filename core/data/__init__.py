@@ -55,7 +55,7 @@ __all__ = ["DATASETS", "PROTOCOLS", "DatasetError", "Sample", "Split", "anomaly_
 
 def load_from_config(dataset_cfg, products: Iterable[str] | str | None = None, validate: bool = True) -> list[Sample]:
     """Samples table from a ``dataset/*.yaml`` node (name, root, and loader options)."""
-    opts = {k: v for k, v in dict(dataset_cfg).items() if k not in ("name", "root")}
+    opts = {k: v for k, v in dict(dataset_cfg).items() if k not in ("name", "root", "default_product")}
     if dataset_cfg.get("root") in (None, "", "???"):
         raise DatasetError(
             f"dataset.root is not set for dataset '{dataset_cfg['name']}'. "

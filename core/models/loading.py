@@ -185,6 +185,8 @@ def load_diffusers_dir(path: str | Path, what: str = "Stable Diffusion model", k
     except (OSError, ValueError, EnvironmentError) as e:
         raise ModelNotFoundError(f"Could not load {what} from '{path}': {e}. Expected {SD_LAYOUT} with weight "
                                  f"files (*.safetensors or *.bin) beside each config.json; set {key}.") from e
+    if dtype is None:  # weights stored in float16 (the mini prior) compute in float32 unless asked otherwise
+        unet.float(), vae.float(), text_encoder.float()
     sched_dir = path / "scheduler"
     config = DDPMScheduler.load_config(sched_dir) if (sched_dir / "scheduler_config.json").is_file() else SD_V1_SCHEDULE
     scheduler = DDPMScheduler.from_config(config)
@@ -233,7 +235,12 @@ def load_model(cfg: Any) -> SDComponents:
             comp.to(dtype=dtype)
         return comp
     if kind == "mini":
-        path = get("path", None) or MINI_PRIOR_DIR
+        path = Path(get("path", None) or MINI_PRIOR_DIR)
+        if not (path / "model_index.json").is_file():
+            raise ModelNotFoundError(
+                f"The mini prior is not at '{path}'. It ships with the toolkit in core/models/mini_prior: restore it "
+                f"(git checkout core/models/mini_prior), rebuild it with `python scripts/pretrain_prior.py` (about "
+                f"1 h on 2 cores), or set model.path=<a directory written by that script>.")
         return load_diffusers_dir(path, "mini prior", "model.path",
                                   "nothing: it ships with the toolkit; rebuild it with scripts/pretrain_prior.py",
                                   dtype, resolution)
