@@ -2,7 +2,7 @@
 
     python scripts/pretrain_prior.py                      # reproduces core/models/mini_prior (about 1 h, 2 cores)
     python scripts/pretrain_prior.py stage=report         # VAE error on held-out products + sample grid
-    python scripts/pretrain_prior.py debug=true out_dir=/tmp/prior work_dir=/tmp/prior_work   # smoke run
+    python scripts/pretrain_prior.py smoke=true out_dir=/tmp/prior work_dir=/tmp/prior_work   # smoke run
 
 Rerunning after an interruption resumes each stage from its checkpoint in ``work_dir``.
 """
@@ -18,7 +18,7 @@ from core.models.pretrain import pretrain
 
 
 def run(cfg: dict) -> dict:
-    if cfg["debug"]:
+    if cfg["smoke"]:
         cfg = OmegaConf.to_container(OmegaConf.merge(OmegaConf.create(cfg), OmegaConf.create(DEBUG_OVERRIDES)))
     out_dir, work_dir = Path(cfg["out_dir"]), Path(cfg["work_dir"])
     report = {}

@@ -30,6 +30,30 @@ def _cell(s: Sample, size: int) -> np.ndarray:
     return cv2.resize(img, (size, size), interpolation=cv2.INTER_AREA)
 
 
+def labelled_grid(rows: Sequence[tuple[Sequence[str], Sequence[np.ndarray]]], out_png: str | Path,
+                  per_row: int | None = None, cell: int = 128) -> Path:
+    """A PNG with one row per entry: up to three label lines, then the row's RGB images (resized to ``cell``)."""
+    if not rows:
+        raise ValueError("labelled_grid: no rows to show.")
+    per_row = per_row or max(len(images) for _, images in rows)
+    out_rows = []
+    for labels, images in rows:
+        cells = [cv2.resize(np.ascontiguousarray(im), (cell, cell), interpolation=cv2.INTER_AREA)
+                 for im in list(images)[:per_row]]
+        cells += [np.zeros((cell, cell, 3), np.uint8)] * (per_row - len(cells))
+        label = np.full((cell, LABEL_W, 3), 255, np.uint8)
+        for j, text in enumerate(list(labels)[:3]):
+            cv2.putText(label, text[:18], (6, 24 + 22 * j), cv2.FONT_HERSHEY_SIMPLEX, 0.5, (0, 0, 0), 1, cv2.LINE_AA)
+        out_rows.append(np.concatenate([label] + cells, axis=1))
+    sheet = np.concatenate(out_rows, axis=0)
+    out = Path(out_png)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(out.stem + ".tmp.png")
+    cv2.imwrite(str(tmp), cv2.cvtColor(sheet, cv2.COLOR_RGB2BGR))
+    tmp.replace(out)
+    return out
+
+
 def contact_sheet(samples: Sequence[Sample], out_png: str | Path, per_row: int = 8, cell: int = 128) -> Path:
     """One row per (product, split, type) with up to ``per_row`` images (masks overlaid in red)."""
     groups: dict[tuple, list[Sample]] = defaultdict(list)
@@ -41,16 +65,5 @@ def contact_sheet(samples: Sequence[Sample], out_png: str | Path, per_row: int =
     for (product, split, atype), items in sorted(groups.items()):
         items = sorted(items, key=lambda s: s.name)
         idx = np.linspace(0, len(items) - 1, min(per_row, len(items))).round().astype(int)
-        cells = [_cell(items[i], cell) for i in idx]
-        cells += [np.zeros((cell, cell, 3), np.uint8)] * (per_row - len(cells))
-        label = np.full((cell, LABEL_W, 3), 255, np.uint8)
-        for j, text in enumerate((product, f"{split}/{atype}", f"n={len(items)}")):
-            cv2.putText(label, text[:18], (6, 24 + 22 * j), cv2.FONT_HERSHEY_SIMPLEX, 0.5, (0, 0, 0), 1, cv2.LINE_AA)
-        rows.append(np.concatenate([label] + cells, axis=1))
-    sheet = np.concatenate(rows, axis=0)
-    out = Path(out_png)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(out.stem + ".tmp.png")
-    cv2.imwrite(str(tmp), cv2.cvtColor(sheet, cv2.COLOR_RGB2BGR))
-    tmp.replace(out)
-    return out
+        rows.append(((product, f"{split}/{atype}", f"n={len(items)}"), [_cell(items[i], cell) for i in idx]))
+    return labelled_grid(rows, out_png, per_row, cell)

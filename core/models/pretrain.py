@@ -127,6 +127,8 @@ def train_vae(comp: SDComponents, pool: Pool, cfg: dict, work_dir: Path, seed: i
         if (step + 1) % cfg["checkpoint_every"] == 0 or step + 1 == cfg["steps"]:
             _save_atomic({"model": vae.state_dict(), "opt": opt.state_dict(), "sched": sched.state_dict(),
                           "step": step + 1}, ckpt)
+        if cfg.get("stop_after") and step + 1 >= cfg["stop_after"]:  # as if killed here (tests of resuming)
+            break
     vae.eval()
     with torch.no_grad():
         z = torch.cat([vae.encode(images[i:i + 64] * 2 - 1).latent_dist.mean for i in range(0, min(len(images), 512), 64)])
@@ -185,6 +187,8 @@ def train_denoiser(comp: SDComponents, pool: Pool, latents: torch.Tensor, cfg: d
         if (step + 1) % cfg["checkpoint_every"] == 0 or step + 1 == cfg["steps"]:
             _save_atomic({"unet": unet.state_dict(), "text": text.state_dict(), "opt": opt.state_dict(),
                           "sched": sched.state_dict(), "ema": ema, "step": step + 1}, ckpt)
+        if cfg.get("stop_after") and step + 1 >= cfg["stop_after"]:
+            break
     unet.load_state_dict(ema)
     unet.eval(), text.eval()
     return {"seconds": time.perf_counter() - t0, "steps_run": cfg["steps"] - start,
