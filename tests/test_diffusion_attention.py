@@ -178,3 +178,25 @@ def test_mean_map_reshapes_to_the_layer_grid(tiny):
     assert m.shape == (2, tiny.latent_size // 2, tiny.latent_size // 2, ctx.shape[1])
     with pytest.raises(ValueError, match="different resolutions"):
         store.mean_map(layers)
+
+
+def test_logit_reweighting_by_a_spatial_map_matches_by_hand(tiny):
+    """AnomalyDiffusion's official re-weighting: pre-softmax scores of placeholder columns times a weight map."""
+    name = cross_attention_layers(tiny.unet, ["down_blocks.2"])[0]
+    attn = dict(tiny.unet.named_modules())[name]
+    side = 4
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(1, side * side, attn.to_q.in_features, generator=g)
+    ctx = torch.randn(1, 5, attn.to_k.in_features, generator=g)
+    w = 1 + torch.rand(1, side, side, generator=g) * 0.5  # clamp range [1, 1.5] as in the official code
+    h = attn.heads
+    q, k, v = attn.to_q(x), attn.to_k(ctx), attn.to_v(ctx)
+    d = q.shape[-1] // h
+    q, k, v = (y.view(1, -1, h, d).transpose(1, 2) for y in (q, k, v))
+    with torch.no_grad():
+        logits = q @ k.transpose(-1, -2) / d ** 0.5
+        logits[..., 2] = logits[..., 2] * w.flatten(1)[:, None, :]
+        expected = attn.to_out[0](((logits.softmax(-1) @ v).transpose(1, 2)).reshape(1, side * side, h * d))
+        with attention_control(tiny.unet, [name], edit=TokenReweight([2], w, on="logits")):
+            got = attn(x, encoder_hidden_states=ctx)
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
