@@ -73,8 +73,8 @@ def write_report(cfg: dict, out_dir: Path, work_dir: Path) -> dict:
         z0 = sample(cfg_eps(comp.unet, cond, uncond.expand(n, -1, -1), float(rcfg["guidance"])), sched, z,
                     progress=False)
         imgs = (comp.decode_latents(z0).permute(0, 2, 3, 1).numpy() * 255).round().astype(np.uint8)
-        words = prompt.replace("a photo of a ", "")
-        rows.append(((f"{group}: {product}", words[:18], words[18:36]), [ref] + list(imgs)))
+        rest = prompt.replace(f"a photo of a {product_words(product)}", "").strip()
+        rows.append(((group, product, f"+ {rest}" if rest else "(normal prompt)"), [ref] + list(imgs)))
     grid = labelled_grid(rows, out_dir / "sample_grid.png", cell=cfg["resolution"])
     report["sample_grid"] = grid.name
     report["sample_grid_layout"] = ("one row per prompt; first column: a real render of the product (with the "
@@ -136,10 +136,11 @@ The exact configuration is `config.yaml` here (= `configs/pretrain_prior.yaml`):
 {cfg['vae']['lr']}; then text encoder + U-Net jointly, {cfg['unet']['steps']} steps of batch {cfg['unet']['batch']}, AdamW {cfg['unet']['lr']} (text
 {cfg['unet']['text_lr']}), warm-up {cfg['unet']['warmup']} and cosine decay to 10 %, EMA {cfg['unet']['ema']}.
 
-Training time on 2 CPU cores (this run): rendering {minutes(tr.get('render_seconds'))}, VAE
-{minutes(tr.get('vae', {}).get('seconds'))} (for the steps run in the final session), U-Net + text
-{minutes(tr.get('denoiser', {}).get('seconds'))}; final losses: VAE reconstruction {tr.get('vae', {}).get('final_rec_loss')},
-denoiser {tr.get('denoiser', {}).get('final_loss')}.
+Training time on 2 CPU cores, as logged by the last invocation (a stage resumed from its checkpoint only counts
+the steps it ran): rendering {minutes(tr.get('render_seconds'))}; VAE {tr.get('vae', {}).get('steps_run')} steps in
+{minutes(tr.get('vae', {}).get('seconds'))}; U-Net + text {tr.get('denoiser', {}).get('steps_run')} steps in
+{minutes(tr.get('denoiser', {}).get('seconds'))}, final loss {tr.get('denoiser', {}).get('final_loss')}.
+{cfg.get('timing_note', '')}
 
 ## VAE reconstruction on held-out products
 Fresh renders ({cfg['report']['held_out_images']} per product, half defective), images in [0, 1]:
