@@ -1,1 +1,1 @@
-"""Placeholder: implemented by its own issue (see the tracker)."""
+"""Downstream evaluation (in progress; see the tracker): models trained on generated data, image scores, protocols."""
