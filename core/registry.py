@@ -8,8 +8,10 @@ A method package exposes, in ``<package>/method.py``:
 from __future__ import annotations
 
 import importlib
+import importlib.util
 from dataclasses import dataclass
 from types import ModuleType
+from typing import Callable
 
 
 @dataclass(frozen=True)
@@ -43,7 +45,7 @@ def get_method(name: str) -> Method:
     return METHODS[name]
 
 
-def load_method(name: str, entry: str) -> callable:
+def load_method(name: str, entry: str) -> Callable:
     """The function ``entry`` ('train' or 'generate') of method ``name``."""
     m = get_method(name)
     try:
@@ -62,12 +64,12 @@ def load_method(name: str, entry: str) -> callable:
 
 
 def implemented() -> list[str]:
-    return [n for n, m in METHODS.items() if importlib.util.find_spec(m.module.split(".")[0]) is not None
-            and _has_module(m.module)]
-
-
-def _has_module(module: str) -> bool:
-    try:
-        return importlib.util.find_spec(module) is not None
-    except ModuleNotFoundError:
-        return False
+    """Registered methods whose ``method.py`` exists."""
+    found = []
+    for n, m in METHODS.items():
+        try:
+            if importlib.util.find_spec(m.module) is not None:
+                found.append(n)
+        except ModuleNotFoundError:  # the package itself is missing
+            pass
+    return found
