@@ -1,7 +1,6 @@
 """What the three entry scripts do, as plain functions the tests call (the scripts only add Hydra)."""
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Sequence
 
@@ -9,6 +8,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from .data import DatasetError
+from .io import write_text
 from .registry import get_method, load_method
 
 CHECKPOINT_KEYS = ("method", "model", "dataset", "split", "product", "seed")
@@ -31,11 +31,7 @@ def resolve_product(cfg: DictConfig) -> str:
 def save_config(cfg: DictConfig, run_dir: Path, name: str = "config.yaml") -> Path:
     """The resolved config beside the run's outputs (atomic)."""
     run_dir.mkdir(parents=True, exist_ok=True)
-    path = run_dir / name
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(OmegaConf.to_yaml(cfg, resolve=True))
-    os.replace(tmp, path)
-    return path
+    return write_text(run_dir / name, OmegaConf.to_yaml(cfg, resolve=True))
 
 
 def train(cfg: DictConfig, run_dir: Path) -> Path:

@@ -23,6 +23,7 @@ import torch
 from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
+from ..io import write_json
 from .architectures import SD_V1_SCHEDULE, architecture
 from .tokenizer import build_tokenizer, tokenize
 
@@ -134,9 +135,7 @@ def _diffusers_version() -> str:
 
 
 def _write_json(path: Path, obj: Any) -> None:
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=2))
-    os.replace(tmp, path)
+    write_json(path, obj)
 
 
 def build_random(arch: str = "tiny", seed: int = 0, tokenizer: CLIPTokenizer | None = None) -> SDComponents:

@@ -14,7 +14,6 @@ are never rendered here; their names stay in the tokenizer so that prompts about
 from __future__ import annotations
 
 import math
-import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,6 +25,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from ..data.synthetic import BENCHMARK_PRODUCTS, PRETRAIN_PRODUCTS, PRODUCTS, render, sample_rng
+from ..io import torch_save
 from .loading import SDComponents, build_random
 
 DEFECT_PHRASES: dict[str, str] = {
@@ -78,9 +78,7 @@ def _to_tensor(images: np.ndarray) -> torch.Tensor:
 
 
 def _save_atomic(obj: Any, path: Path) -> None:
-    tmp = path.with_suffix(".tmp")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
+    torch_save(obj, path)
 
 
 def _lr_lambda(warmup: int, total: int):
