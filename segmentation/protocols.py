@@ -170,13 +170,19 @@ def score_images(cfg: DictConfig, maps: torch.Tensor) -> torch.Tensor:
     raise ValueError(f"protocol.image_score must be max or pooled_max, got '{cfg.protocol.image_score}'.")
 
 
-def segmentation_metrics(cfg: DictConfig, maps: torch.Tensor, masks: torch.Tensor, labels: torch.Tensor) -> dict:
+def segmentation_metrics(cfg: DictConfig, maps: torch.Tensor, masks: torch.Tensor, labels: torch.Tensor,
+                         image_scores: torch.Tensor | None = None) -> dict:
+    """The protocol's metrics. ``image_scores`` overrides the protocol's rule (PatchCore scores its own images); maps
+    that are not probabilities (PatchCore's distances) get no IoU, which needs the 0.5 threshold."""
     from core.metrics.detection import image_metrics, pixel_metrics
 
     wanted = list(cfg.protocol.metrics)
+    if image_scores is not None:
+        wanted = [m for m in wanted if m != "pixel_iou"]
     out = {}
     if any(m.startswith("image_") for m in wanted):
-        out.update(image_metrics(labels.numpy(), score_images(cfg, maps).numpy()))
+        scores = score_images(cfg, maps) if image_scores is None else image_scores
+        out.update(image_metrics(labels.numpy(), scores.numpy()))
     if any(m.startswith("pixel_") for m in wanted):
         out.update(pixel_metrics(maps.numpy(), masks.numpy().astype(bool), with_aupro="pixel_aupro" in wanted))
     return {m: float(out[m]) for m in wanted}
@@ -208,23 +214,35 @@ def run_unit(cfg: DictConfig, arm: str, fold: int, products: Sequence[str], spli
     """Train one model of ``arm`` on ``products`` and test it on each product; returns one record per product."""
     task = cfg.downstream.get("task", "segmentation")
     unit = "all" if len(products) > 1 else products[0]
-    anomalies = arm_anomalies(cfg, arm, products, split.train, fold, generated)
+    tag = f"{arm}_fold{fold}_{unit}"
+    if task == "memory_bank":
+        return run_patchcore(cfg, arm, fold, products[0], split, generated, size, run_dir, device, tag)
+    if task == "synthesis" and arm == "baseline":
+        anomalies = []  # plain DRAEM: simulated anomalies only
+    else:
+        anomalies = arm_anomalies(cfg, arm, products, split.train, fold, generated)
     normals = [s for s in split.train if s.label == 0 and s.product in products] \
-        if (cfg.protocol.normals or task == "binary_classification") else []
-    if not anomalies and task != "binary_classification":
+        if (cfg.protocol.normals or task in ("binary_classification", "synthesis")) else []
+    if not anomalies and task not in ("binary_classification", "synthesis"):
         raise DatasetError(f"{arm} arm of {unit}: no anomalies to train on.")
     n_train = len(anomalies) if cfg.protocol.train.get("anomaly_fraction") else len(anomalies) + len(normals)
-    spec = train_spec(cfg, n_train)
-    tag = f"{arm}_fold{fold}_{unit}"
+    spec = train_spec(cfg, n_train if task != "synthesis" else len(normals))
     log.info("%s: %d anomalies, %d normals, %d steps", tag, len(anomalies), len(normals), spec.steps)
     torch.manual_seed(spec.seed)
     norm = normalizer(cfg.downstream)
     ckpt = run_dir / "checkpoints" / f"{tag}.pt"
     t0 = time.perf_counter()
-    if task == "segmentation":
-        model = build_segmenter(cfg.downstream)
+    if task in ("segmentation", "synthesis"):
+        loss_fn = {}
+        if task == "synthesis":
+            from .draem import DRAEM, make_step
+            model = DRAEM(int(cfg.downstream.recon_base), int(cfg.downstream.seg_base))
+            spec.anomaly_fraction = 0.5 if anomalies else None
+            loss_fn = {"loss_fn": make_step(anomaly_source(cfg, size), spec.focal_gamma)}
+        else:
+            model = build_segmenter(cfg.downstream)
         history = train(model, ImagePool(anomalies, size), ImagePool(normals, size), spec, ckpt, device, tag,
-                        normalize=norm)
+                        normalize=norm, **loss_fn)
     else:
         model, history = train_classifier(cfg, task, anomalies, normals, spec, ckpt, size, device, tag)
     train_s = time.perf_counter() - t0
@@ -233,23 +251,91 @@ def run_unit(cfg: DictConfig, arm: str, fold: int, products: Sequence[str], spli
         test = [s for s in split.test if s.product == p]
         pool = ImagePool(test, size)
         t1 = time.perf_counter()
-        if task == "segmentation":
+        if task in ("segmentation", "synthesis"):
             maps = predict_maps(model, pool, int(cfg.eval_batch_size), device, norm, desc=f"test {p}")
-            labels = torch.tensor([s.label for s in test])
-            masks = torch.stack([pool[i]["mask"] for i in range(len(pool))])
-            metrics = segmentation_metrics(cfg, maps, masks, labels)
-            grid = run_dir / "grids" / f"{tag}_{p}.png" if unit == "all" else run_dir / "grids" / f"{tag}.png"
-            prediction_grid(pool, maps, grid, int(cfg.grid_per_product), f"{arm} {p}")
+            metrics = _score_unit(cfg, run_dir, arm, tag, unit, p, pool, maps)
         else:
             metrics = classifier_metrics(cfg, task, model, test, [s for s in anomalies if s.product == p], size,
                                          device)
-        records.append({"arm": arm, "label": arm_label(cfg, arm), "fold": fold, "product": p, "unit": unit,
-                        "n_train_anomalies": len([s for s in anomalies if s.product == p]),
-                        "n_train_normals": len([s for s in normals if s.product == p]), "steps": spec.steps,
-                        "train_seconds_per_unit": train_s, "test_seconds": time.perf_counter() - t1,
-                        "final_loss": float(np.mean(history["losses"][-20:])) if history["losses"] else None,
-                        **metrics})
+        records.append(_record(cfg, arm, fold, p, unit, spec.steps, train_s, time.perf_counter() - t1, history,
+                               len([s for s in anomalies if s.product == p]),
+                               len([s for s in normals if s.product == p]), metrics))
     return records
+
+
+def _record(cfg, arm, fold, product, unit, steps, train_s, test_s, history, n_anomalies, n_normals, metrics) -> dict:
+    losses = history.get("losses") or []
+    return {"arm": arm, "label": arm_label(cfg, arm), "fold": fold, "product": product, "unit": unit,
+            "n_train_anomalies": n_anomalies, "n_train_normals": n_normals, "steps": steps,
+            "train_seconds_per_unit": train_s, "test_seconds": test_s,
+            "final_loss": float(np.mean(losses[-20:])) if losses else None, **metrics}
+
+
+def _score_unit(cfg, run_dir, arm, tag, unit, product, pool, maps, image_scores=None) -> dict:
+    labels = torch.tensor([s.label for s in pool.samples])
+    masks = torch.stack([pool[i]["mask"] for i in range(len(pool))])
+    metrics = segmentation_metrics(cfg, maps, masks, labels, image_scores)
+    grid = run_dir / "grids" / (f"{tag}_{product}.png" if unit == "all" else f"{tag}.png")
+    shown = maps if image_scores is None else maps / maps.max().clamp(min=1e-8)
+    prediction_grid(pool, shown, grid, int(cfg.grid_per_product), f"{arm} {product}")
+    return metrics
+
+
+def anomaly_source(cfg: DictConfig, size: int) -> list[torch.Tensor] | None:
+    """DRAEM's texture images (e.g. DTD) from ``downstream.anomaly_source``; None = procedural textures."""
+    folder = cfg.downstream.get("anomaly_source")
+    if not folder:
+        return None
+    from core.data.table import list_images
+    files = [p for d in sorted(Path(folder).expanduser().rglob("*")) if d.is_dir() for p in list_images(d)] \
+        + list_images(Path(folder).expanduser())
+    if not files:
+        raise DatasetError(f"downstream.anomaly_source={folder} holds no images. Fix: point it at a texture folder "
+                           f"(DRAEM uses DTD) or set it to null for procedural textures.")
+    pool = ImagePool([Sample(str(f), "train", "source", "good", 0) for f in files], size)
+    return [pool[i]["image"] for i in range(len(pool))]
+
+
+def run_patchcore(cfg, arm, fold, product, split, generated, size, run_dir, device, tag) -> list[dict]:
+    """PatchCore's memory bank from the real normal training images, plus generated (or oracle) normals."""
+    from .patchcore import PatchCore
+
+    normals = [s for s in split.train if s.label == 0 and s.product == product]
+    extra: list[Sample] = []
+    if arm == "generated":
+        extra = [s for s in generated if s.label == 0 and s.product == product]
+        if not extra:
+            raise DatasetError(f"generated={cfg.generated}/{product}/train/good holds no normal images: PatchCore's "
+                               f"generated arm adds generated normals. Fix: generate normal images too.")
+    elif arm == "oracle":
+        from core.data import load_folder
+        n = int(cfg.get("oracle_per_type") or 100)
+        root = Path(cfg.dataset.root).expanduser().parent / "oracle_normals" / f"seed{cfg.dataset.seed}_res{cfg.dataset.resolution}"
+        oracle_tree(root, product, [], 0, n_normals=n, seed=int(cfg.dataset.seed), resolution=int(cfg.dataset.resolution))
+        extra = [s for s in load_folder(root, [product]) if s.label == 0]
+    if cfg.limits.get("n_per_type"):
+        extra = extra[: int(cfg.limits.n_per_type)]
+    d = cfg.downstream
+    model = PatchCore(d.backbone, d.get("weights"), tuple(d.layers), int(d.preprocess_dim), int(d.target_dim),
+                      float(d.coreset_ratio), int(d.projection_dim), float(d.blur_sigma), int(cfg.seed)).to(device)
+    norm = normalizer(d)
+    bank = ImagePool(normals + extra, size)
+    bs = int(cfg.eval_batch_size)
+    t0 = time.perf_counter()
+    model.fit((norm(bank.batch(range(i, min(i + bs, len(bank))))["image"]).to(device)
+               for i in range(0, len(bank), bs)))
+    train_s = time.perf_counter() - t0
+    test = [s for s in split.test if s.product == product]
+    pool = ImagePool(test, size)
+    t1 = time.perf_counter()
+    maps, scores = [], []
+    for i in range(0, len(pool), bs):
+        m, sc = model(norm(pool.batch(range(i, min(i + bs, len(pool))))["image"]).to(device))
+        maps.append(m.cpu())
+        scores.append(sc.cpu())
+    metrics = _score_unit(cfg, run_dir, arm, tag, product, product, pool, torch.cat(maps), torch.cat(scores))
+    return [_record(cfg, arm, fold, product, product, 0, train_s, time.perf_counter() - t1, {}, 0,
+                    len(normals) + len(extra), metrics)]
 
 
 # ----------------------------------------------------------------------------- classifiers
@@ -344,4 +430,6 @@ def eval_downstream(cfg: DictConfig, run_dir: Path) -> Path:
 
 
 def eval_generation(cfg: DictConfig, run_dir: Path) -> Path:
-    raise NotImplementedError("eval_generation: not implemented yet (issue 4 is in progress).")
+    """``scripts/eval_generation.py``: see :mod:`segmentation.generation_eval`."""
+    from .generation_eval import eval_generation as run
+    return run(cfg, run_dir)

@@ -1,9 +1,16 @@
+import os
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))  # tests/trees.py
 
 import pytest
+import torch
+
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    # one intra-op thread per xdist worker: `-n 2` on 2 cores otherwise runs 4 spinning OpenMP threads, which makes
+    # the many small convolutions of the tests several times slower
+    torch.set_num_threads(1)
 
 
 @pytest.fixture(scope="module")

@@ -1,6 +1,8 @@
 """Downstream building blocks: the DRAEM-style U-Net, the focal loss and the image-score rules."""
 import math
 
+import pytest
+
 import torch
 
 from segmentation.scores import max_score, pooled_max_score
@@ -41,3 +43,55 @@ def test_image_scores_max_vs_average_pooled_max():
     blob = torch.zeros(1, 64, 64)
     blob[0, 10:40, 10:40] = 0.8  # a region larger than the window keeps its value
     assert abs(pooled_max_score(blob).item() - 0.8) < 1e-5
+
+
+def test_bisenetv2_has_the_stated_branches_and_five_heads_at_input_size():
+    from segmentation.bisenetv2 import BiSeNetV2
+
+    m = BiSeNetV2(head_channels=16, aux_channels=(4, 4, 4, 4))
+    x = torch.randn(2, 3, 64, 96)
+    feats = m.semantic(x)
+    assert [f.shape[1] for f in feats] == [16, 32, 64, 128]                 # semantic branch 16-32-64-128
+    assert [f.shape[-1] for f in feats] == [96 // 4, 96 // 8, 96 // 16, 96 // 32]
+    detail_widths = [s[-1][0].out_channels for s in m.detail.stages]
+    assert detail_widths == [64, 64, 128]                                     # detail branch 64-64-128
+    assert m.detail(x).shape[-2:] == (8, 12)                                  # 1/8
+    m.train()
+    out, aux = m(x)
+    assert out.shape == (2, 2, 64, 96) and len(aux) == 4 and all(a.shape == out.shape for a in aux)
+    m.eval()
+    assert m(x).shape == (2, 2, 64, 96)
+    with pytest.raises(ValueError, match="32"):
+        m(torch.randn(1, 3, 48, 48))
+
+
+def test_upernet_resnet50_outputs_and_local_weights(tmp_path):
+    import timm
+
+    from core.metrics.extractors import MissingWeightsError
+    from segmentation.upernet import UPerNet
+
+    m = UPerNet(channels=16, aux_channels=8).eval()
+    assert m.backbone.feature_info.channels() == [256, 512, 1024, 2048]
+    assert m(torch.randn(1, 3, 64, 64)).shape == (1, 2, 64, 64)
+    m.train()
+    out, aux = m(torch.randn(2, 3, 64, 64))
+    assert out.shape == aux[0].shape == (2, 2, 64, 64)
+    # a torchvision-style ImageNet state dict (with its 1000-class fc) loads from a local file
+    ref = timm.create_model("resnet50", pretrained=False)
+    torch.save(ref.state_dict(), tmp_path / "r50.pth")
+    loaded = UPerNet(channels=16, aux_channels=8, weights=str(tmp_path / "r50.pth"))
+    assert torch.equal(loaded.backbone.conv1.weight, ref.conv1.weight)
+    with pytest.raises(MissingWeightsError, match="downstream.weights"):
+        UPerNet(weights=str(tmp_path / "missing.pth"))
+
+
+def test_classifiers_build_with_the_requested_classes():
+    from omegaconf import OmegaConf
+
+    from segmentation.models import build_classifier
+
+    m = build_classifier(OmegaConf.create({"name": "resnet34"}), 3).eval()
+    assert m(torch.randn(1, 3, 64, 64)).shape == (1, 3)
+    with pytest.raises(ValueError, match="resnet34"):
+        build_classifier(OmegaConf.create({"name": "vgg"}), 2)

@@ -1,0 +1,331 @@
+"""Downstream suite: protocols end to end on a tiny synthetic world, scoring rules, metric extremes, input errors,
+the paper-table writer, and resumable training."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from hydra import compose, initialize_config_dir
+from omegaconf import OmegaConf
+from PIL import Image
+
+import trees
+from core.data import DatasetError
+from core.data import synthetic as S
+from segmentation import protocols, tables
+from segmentation.data import ImagePool, load_generated, oracle_tree
+from segmentation.train import TrainSpec, batch_indices, train
+
+CONFIGS = str(Path(__file__).parents[1] / "configs")
+PRODUCTS = ("bottle", "pill")
+
+
+def _compose(overrides):
+    with initialize_config_dir(config_dir=CONFIGS, version_base="1.3"):
+        return compose(config_name="eval_downstream", overrides=overrides)
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    root = tmp_path_factory.mktemp("dw")
+    w = S.build_world(root / "synthetic" / "seed0_res64",
+                      S.WorldConfig(resolution=64, n_train_good=4, n_test_good=3, n_per_type=3, products=PRODUCTS),
+                      workers=1, progress=False)
+    gen = root / "gen"
+    for p in PRODUCTS:  # a stand-in generator: extra renders with exact masks, from another seed
+        oracle_tree(gen, p, S.PRODUCTS[p].defects, 2, n_normals=2, seed=5, resolution=64)
+    (gen / "manifest.jsonl").write_text(json.dumps({"method": "fakegen"}) + "\n")
+    return w, gen
+
+
+def _cfg(world, protocol, downstream="unet", extra=()):
+    w, gen = world
+    return _compose([f"protocol={protocol}", f"downstream={downstream}", f"dataset.root={w}", "dataset.resolution=64",
+                     f"generated={gen}", "arms=[baseline,generated,oracle]", "oracle_per_type=2",
+                     "limits.max_train_steps=2", "eval_batch_size=8", "grid_per_product=2", "image_size=32",
+                     "++downstream.train.batch_size=4", *extra])
+
+
+SMALL = {"unet": ["downstream.base=4"], "bisenetv2": ["downstream.head_channels=16", "downstream.aux_channels=[4,4,4,4]"]}
+
+
+@pytest.mark.parametrize("protocol,downstream", [("seas", "bisenetv2"), ("anomalydiffusion", "unet"),
+                                                 ("bgdefect", "unet"), ("defectdiffu", "unet")])
+def test_every_protocol_runs_end_to_end_with_all_three_arms(world, tmp_path, protocol, downstream):
+    cfg = _cfg(world, protocol, downstream, SMALL[downstream])
+    md = protocols.eval_downstream(cfg, tmp_path)
+    text = md.read_text()
+    assert "fakegen" in text and "baseline" in text and "oracle" in text  # the generated arm is named by its manifest
+    records = [r for f in sorted((tmp_path / "results").glob("*.json")) for r in json.loads(f.read_text())]
+    folds = 2 if protocol == "bgdefect" else 1
+    assert len(records) == 3 * len(PRODUCTS) * folds
+    for r in records:
+        for m in cfg.protocol.metrics:
+            assert 0.0 <= r[m] <= 1.0, (m, r[m])
+    units = {r["unit"] for r in records}
+    assert units == ({"all"} if protocol == "seas" else set(PRODUCTS))  # SeaS: one unified model
+    by_arm = {r["arm"]: r for r in records if r["product"] == "bottle" and r["fold"] == 0}
+    n_types, n_real = len(S.PRODUCTS["bottle"].defects), {"seas": 1, "anomalydiffusion": 1, "bgdefect": 2,
+                                                           "defectdiffu": 1}[protocol]
+    assert by_arm["baseline"]["n_train_anomalies"] == n_types * n_real
+    with_real = protocol in ("bgdefect", "defectdiffu")
+    n_gen = {"defectdiffu": 2 * n_real}.get(protocol, 2)
+    assert by_arm["generated"]["n_train_anomalies"] == n_types * (n_gen + (n_real if with_real else 0))
+    assert by_arm["oracle"]["n_train_anomalies"] == by_arm["generated"]["n_train_anomalies"]
+    assert by_arm["baseline"]["n_train_normals"] == (0 if protocol == "defectdiffu" else 4)
+    assert (tmp_path / "results.csv").is_file() and (tmp_path / "table_summary.csv").is_file()
+    assert any((tmp_path / "grids").glob("*.png"))
+    # a rerun in the same run directory reuses the finished units instead of training again
+    before = {f: f.stat().st_mtime_ns for f in (tmp_path / "results").glob("*.json")}
+    protocols.eval_downstream(cfg, tmp_path)
+    assert {f: f.stat().st_mtime_ns for f in (tmp_path / "results").glob("*.json")} == before
+
+
+def test_split_keeps_train_and_test_disjoint_in_every_arm(world, tmp_path):
+    cfg = _cfg(world, "anomalydiffusion", "unet", SMALL["unet"])
+    table = protocols.load_from_config(cfg.dataset)
+    split = protocols.apply_split(table, "one_third")
+    _, gen = world
+    generated = load_generated(gen, PRODUCTS)
+    for arm in ("baseline", "generated", "oracle"):
+        pool = protocols.arm_anomalies(cfg, arm, ["bottle"], split.train, 0, generated)
+        assert not {s.path for s in pool} & {s.path for s in split.test}
+        assert all(s.product == "bottle" and s.label == 1 for s in pool)
+
+
+@pytest.mark.parametrize("task", ["type_classification", "binary_classification"])
+def test_classifier_protocols_run_end_to_end(world, tmp_path, task):
+    name = {"type_classification": "resnet34", "binary_classification": "resnet50"}[task]
+    cfg = _cfg(world, "anomalydiffusion" if name == "resnet34" else "defectdiffu", name,
+               ["limits.max_products=1", "arms=[baseline,generated]"])
+    protocols.eval_downstream(cfg, tmp_path)
+    records = [r for f in (tmp_path / "results").glob("*.json") for r in json.loads(f.read_text())]
+    assert len(records) == 2 and all(0.0 <= r["accuracy"] <= 1.0 for r in records)
+    assert "Acc" in (tmp_path / "table.md").read_text()
+
+
+def test_image_score_rule_follows_the_protocol(world):
+    hot = torch.zeros(1, 64, 64)
+    hot[0, 10, 10] = 1.0
+    seas, ad = _cfg(world, "seas"), _cfg(world, "anomalydiffusion")
+    assert protocols.score_images(seas, hot).item() == 1.0  # max of the map
+    assert protocols.score_images(ad, hot).item() == pytest.approx(1 / 441)  # 21x21 average pool first
+
+
+def test_perfect_predictor_scores_one_and_constant_predictor_half(world):
+    cfg = _cfg(world, "anomalydiffusion")
+    rng = np.random.default_rng(0)
+    masks = torch.zeros(6, 32, 32)
+    for i in range(3):  # three anomalous images, three normal
+        y, x = rng.integers(0, 24, 2)
+        masks[i, y:y + 6, x:x + 6] = 1
+    labels = torch.tensor([1, 1, 1, 0, 0, 0])
+    perfect = protocols.segmentation_metrics(cfg, masks.clone(), masks, labels)
+    assert all(v == pytest.approx(1.0) for v in perfect.values()), perfect
+    const = protocols.segmentation_metrics(cfg, torch.full_like(masks, 0.3), masks, labels)
+    assert const["image_auroc"] == pytest.approx(0.5) and const["pixel_auroc"] == pytest.approx(0.5)
+
+
+def _copy_tree(src: Path, dst: Path) -> Path:
+    import shutil
+    shutil.copytree(src, dst)
+    return dst
+
+
+def test_generated_folder_with_missing_mask_fails_clearly(world, tmp_path):
+    gen = _copy_tree(world[1], tmp_path / "g")
+    victim = next((gen / "bottle" / "ground_truth").rglob("*_mask.png"))
+    victim.unlink()
+    with pytest.raises(DatasetError) as e:
+        load_generated(gen, ["bottle"])
+    assert victim.name.replace("_mask", "") in str(e.value) or "mask" in str(e.value).lower()
+
+
+def test_generated_folder_with_wrong_mask_size_fails_clearly(world, tmp_path):
+    gen = _copy_tree(world[1], tmp_path / "g")
+    victim = next((gen / "bottle" / "ground_truth").rglob("*_mask.png"))
+    Image.fromarray(np.zeros((10, 12), np.uint8)).save(victim)
+    with pytest.raises(DatasetError) as e:
+        load_generated(gen, ["bottle"])
+    assert str(victim) in str(e.value) and "12x10" in str(e.value)
+
+
+def test_generated_folder_lacking_a_product_or_with_unknown_types_fails_clearly(world, tmp_path):
+    with pytest.raises(DatasetError, match="cable"):
+        load_generated(world[1], ["bottle", "cable"])
+    with pytest.raises(DatasetError, match="not a directory"):
+        load_generated(tmp_path / "nope", ["bottle"])
+    with pytest.raises(DatasetError, match="not have"):
+        load_generated(world[1], ["bottle"], {"bottle": ["scratch"]})
+
+
+def test_arm_errors_are_actionable(world):
+    with pytest.raises(ValueError, match="generated=/path"):
+        protocols.resolve_arms(_compose(["arms=[baseline,generated]"]))
+    with pytest.raises(ValueError, match="synthetic world"):
+        protocols.resolve_arms(_compose(["dataset=mvtec_ad", "arms=[oracle]"]))
+
+
+# ----------------------------------------------------------------------------- tables
+
+
+def _paper_as_records(name, dataset, downstream):
+    paper = tables.load_paper(name, dataset, downstream)
+    return [{"label": k.removeprefix("paper: "), "product": p, "fold": 0, **ms}
+            for k, per in paper.items() for p, ms in per.items() if p != tables.AVERAGE]
+
+
+def test_summary_table_reproduces_seas_table_4_layout():
+    paper = tables.load_paper("seas_tab4", "mvtec_ad", "bisenetv2")
+    # the paper's averages, fed as one "product" each, come back out as the paper's rows
+    records = [{"label": k.removeprefix("paper: "), "product": "x", "fold": 0, **per[tables.AVERAGE]}
+               for k, per in paper.items()]
+    metrics = ["image_auroc", "image_ap", "image_f1_max", "pixel_auroc", "pixel_ap", "pixel_f1_max", "pixel_iou"]
+    header, rows = tables.summary_table(tables.fold_average(records, metrics), metrics, "bisenetv2")
+    md = tables.markdown(header, rows)
+    assert md.splitlines()[0] == ("| Segmentation model | Generative model | Image AUROC | Image AP | Image F1-max | "
+                                  "Pixel AUROC | Pixel AP | Pixel F1-max | Pixel IoU |")
+    assert "| BiSeNet V2 | SeaS | 96.00 | 98.14 | 95.43 | 97.21 | 69.21 | 66.37 | 55.28 |" in md
+    assert "| BiSeNet V2 | DFMGAN | 90.90 | 94.43 | 90.33 | 94.57 | 60.42 | 60.54 | 45.83 |" in md
+    assert tables.load_paper("seas_tab4", "synthetic", "bisenetv2") == {}  # published numbers only for their dataset
+
+
+def test_per_product_table_reproduces_anomalydiffusion_table_2_rows_and_average():
+    records = _paper_as_records("anomalydiffusion_tab2_tab3", "mvtec_ad", "unet")
+    metrics = ["pixel_auroc", "pixel_ap", "pixel_f1_max"]
+    res = tables.fold_average([r for r in records if r["label"] == "AnomalyDiffusion"], metrics)
+    header, rows = tables.per_product_tables(res, metrics)["pixel"]
+    assert header == ["Category", "AnomalyDiffusion AUROC", "AnomalyDiffusion AP", "AnomalyDiffusion F1-max"]
+    assert ["bottle", "99.4", "94.1", "87.3"] in rows and rows[-1][0] == "Average"
+    assert len(rows) == 16  # 15 MVTec AD categories + Average
+    # the recomputed mean of the typed-in AUROC rows matches the paper's own Average row (to its rounding); the
+    # paper's AP / F1-max Average cells are not the mean of its rows (82.2 / 77.1 vs printed 81.4 / 76.3)
+    published = tables.load_paper("anomalydiffusion_tab2_tab3", "mvtec_ad")["paper: AnomalyDiffusion"]["Average"]
+    assert abs(float(rows[-1][1]) - 100 * published["pixel_auroc"]) <= 0.15
+
+
+def test_headroom_reports_the_share_of_the_gap_a_generator_closes():
+    recs = [{"label": "baseline", "product": "a", "fold": 0, "pixel_ap": 0.2},
+            {"label": "oracle", "product": "a", "fold": 0, "pixel_ap": 0.6},
+            {"label": "gen", "product": "a", "fold": 0, "pixel_ap": 0.5}]
+    lines = tables.headroom(tables.fold_average(recs, ["pixel_ap"]), ["pixel_ap"])
+    assert lines[-1] == "| Pixel AP | 20.00 | 60.00 | +40.00 | 0.75 |"
+
+
+# ----------------------------------------------------------------------------- training loop
+
+
+def test_batches_mix_anomalies_and_normals_as_configured():
+    ia, inn = batch_indices(10, 50, TrainSpec(batch_size=8, anomaly_fraction=0.5), step=3)
+    assert len(ia) == 4 and len(inn) == 4
+    ia, inn = batch_indices(10, 50, TrainSpec(batch_size=8, anomaly_fraction=None), step=3)
+    assert len(ia) + len(inn) == 8
+    assert batch_indices(10, 50, TrainSpec(), 7) == batch_indices(10, 50, TrainSpec(), 7)
+
+
+@pytest.mark.filterwarnings(r"ignore:Seems like `optimizer.step\(\)`")
+def test_interrupted_training_resumes_to_the_uninterrupted_weights(tmp_path):
+    from segmentation.unet import DiscriminativeUNet
+
+    d = trees.mvtec_ad(tmp_path / "t", products=("widget",), n_per_type=2)
+    samples = protocols.load_from_config(OmegaConf.create({"name": "mvtec_ad", "root": str(d)}))
+    anomalies = ImagePool([s for s in samples if s.label == 1], 32)
+    normals = ImagePool([s for s in samples if s.label == 0], 32)
+    spec = TrainSpec(steps=4, batch_size=4, checkpoint_every=2, lr=1e-2)
+
+    torch.manual_seed(0)
+    a = DiscriminativeUNet(base=4)
+    train(a, anomalies, normals, spec, tmp_path / "a.pt")
+
+    torch.manual_seed(0)
+    b = DiscriminativeUNet(base=4)
+    train(b, anomalies, normals, TrainSpec(**{**spec.__dict__, "steps": 4}), tmp_path / "b.pt")
+    # simulate a kill after step 2: restart from the step-2 checkpoint written by a 2-step run
+    torch.manual_seed(0)
+    c = DiscriminativeUNet(base=4)
+    ckpt = tmp_path / "c.pt"
+    spec2 = TrainSpec(**{**spec.__dict__})
+    import segmentation.train as T
+    calls = {"n": 0}
+    orig = T.make_optimizer
+
+    def crash_after_two(model, s):
+        opt, sched = orig(model, s)
+        step = opt.step
+
+        def counting_step(*args, **kw):
+            calls["n"] += 1
+            if calls["n"] == 3:
+                raise KeyboardInterrupt
+            return step(*args, **kw)
+        opt.step = counting_step
+        return opt, sched
+
+    T.make_optimizer = crash_after_two
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            train(c, anomalies, normals, spec2, ckpt)
+    finally:
+        T.make_optimizer = orig
+    assert torch.load(ckpt, weights_only=False)["step"] == 2
+    d2 = DiscriminativeUNet(base=4)
+    out = train(d2, anomalies, normals, spec2, ckpt)
+    assert out["resumed_from"] == 2
+    for (k, va), vb in zip(a.state_dict().items(), d2.state_dict().values()):
+        assert torch.equal(va, vb), k
+    for va, vb in zip(a.state_dict().values(), b.state_dict().values()):
+        assert torch.equal(va, vb)
+
+
+def test_patchcore_and_draem_protocols_run_end_to_end(world, tmp_path):
+    pc = _cfg(world, "seas", "patchcore", ["downstream.backbone=resnet18", "downstream.preprocess_dim=32",
+                                          "downstream.target_dim=32", "limits.max_products=1"])
+    protocols.eval_downstream(pc, tmp_path / "pc")
+    recs = [r for f in (tmp_path / "pc" / "results").glob("*.json") for r in json.loads(f.read_text())]
+    n = {r["arm"]: r["n_train_normals"] for r in recs}
+    assert n["baseline"] == 4 and n["generated"] == n["oracle"] == 4 + 2  # the bank grows by the extra normals
+    assert all("pixel_iou" not in r and 0 <= r["pixel_auroc"] <= 1 for r in recs)
+    dr = _cfg(world, "anomalydiffusion", "draem", ["downstream.recon_base=4", "downstream.seg_base=4",
+                                                   "limits.max_products=1"])
+    protocols.eval_downstream(dr, tmp_path / "dr")
+    recs = [r for f in (tmp_path / "dr" / "results").glob("*.json") for r in json.loads(f.read_text())]
+    assert {r["arm"]: r["n_train_anomalies"] for r in recs}["baseline"] == 0  # plain DRAEM: simulated only
+    assert all(0 <= r["pixel_ap"] <= 1 for r in recs)
+
+
+class _TinyInception(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.conv, self.head = torch.nn.Conv2d(3, 8, 3), torch.nn.Linear(8, 5)
+
+    def forward(self, x):
+        f = self.conv(x).mean((2, 3))
+        return f, self.head(f)
+
+
+class _L1(torch.nn.Module):
+    def forward(self, a, b):
+        return (a - b).abs().mean(dim=(1, 2, 3), keepdim=True)
+
+
+def test_eval_generation_writes_a_per_product_table(world, tmp_path):
+    from segmentation.generation_eval import eval_generation
+
+    w, gen = world
+    with initialize_config_dir(config_dir=CONFIGS, version_base="1.3"):
+        cfg = compose(config_name="eval_generation",
+                      overrides=[f"dataset.root={w}", "dataset.resolution=64", f"generated={gen}",
+                                 "ic_lpips_variant.resize=null"])
+    md = eval_generation(cfg, tmp_path, inception=_TinyInception(), lpips_model=_L1()).read_text()
+    lines = [line for line in md.splitlines() if line.startswith("| ")]
+    assert lines[0] == "| Category | IS | IC-LPIPS | IC-LPIPS(a) | KID |"
+    assert [line.split(" | ")[0][2:] for line in lines[1:]] == ["bottle", "pill", "Average"]
+    cells = lines[1].split(" | ")
+    assert float(cells[1]) >= 1.0  # IS is at least 1
+    assert 0 < float(cells[3]) < float(cells[2])  # masked images differ less than whole images
+    with pytest.raises(Exception, match="weights.inception"):
+        eval_generation(cfg, tmp_path / "x")  # no local Inception file: the error names the config key
