@@ -109,8 +109,11 @@ def eval_generation(cfg: DictConfig, run_dir: Path, inception=None, lpips_model=
     fmt = lambda m, v: "-" if v is None else (f"{v:.4f}" if m == "kid" else f"{v:.2f}")  # noqa: E731
     rows = [[p] + [fmt(m, results[p].get(m)) for m in wanted] for p in products]
     rows.append([tables.AVERAGE] + [fmt(m, avg.get(m)) for m in wanted])
+    for label, per in tables.load_paper("seas_tab1", cfg.dataset.name, percent=False).items():
+        rows.append([f"{label} ({tables.AVERAGE})"] + [fmt(m, per[tables.AVERAGE].get(m)) for m in wanted])
     text = (f"# Generation quality of {gen_root} (dataset {cfg.dataset.name})\n\n"
-            f"IC-LPIPS variant: {variant}. Real targets: the split's training anomalies ({cfg.split.name}).\n\n"
+            f"IC-LPIPS variant: {variant}. Real targets: the split's training anomalies ({cfg.split.name}). "
+            f"Rows 'paper: ...' are SeaS Tab. 1 (segmentation/paper_results/seas_tab1.csv) where the dataset matches.\n\n"
             + tables.markdown(header, rows) + ("\n" + "\n".join(notes) + "\n" if notes else ""))
     tables.write_text(run_dir / "generation.csv", tables.to_csv(header, rows))
     path = tables.write_text(run_dir / "generation.md", text)

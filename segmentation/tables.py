@@ -52,19 +52,20 @@ def fold_average(records: Iterable[dict], metrics: Sequence[str]) -> dict[str, d
     return out
 
 
-def load_paper(name: str | None, dataset: str, downstream: str | None = None) -> dict[str, dict[str, dict[str, float]]]:
-    """Published numbers of ``paper_results/<name>.csv`` for ``dataset`` (and ``downstream``), as fractions:
-    {"paper: <method>": {product: {metric: value}}}."""
+def load_paper(name: str | None, dataset: str, downstream: str | None = None,
+               percent: bool = True) -> dict[str, dict[str, dict[str, float]]]:
+    """Published numbers of ``paper_results/<name>.csv`` for ``dataset`` (and ``downstream``), as fractions when
+    ``percent`` (the file holds percentages) or as printed: {"paper: <method>": {product: {metric: value}}}."""
     if not name:
         return {}
     path = PAPER_DIR / f"{name}.csv"
     out: dict = defaultdict(lambda: defaultdict(dict))
     with path.open() as f:
         for row in csv.DictReader(line for line in f if not line.startswith("#")):
-            if row["dataset"] != dataset or (downstream and row["downstream"] not in (downstream, "")):
+            if row["dataset"] != dataset or (downstream and row.get("downstream") not in (downstream, "", None)):
                 continue
             product = AVERAGE if row["product"] == "average" else row["product"]
-            out[f"paper: {row['method']}"][product][row["metric"]] = float(row["value"]) / 100.0
+            out[f"paper: {row['method']}"][product][row["metric"]] = float(row["value"]) / (100.0 if percent else 1.0)
     return {k: dict(v) for k, v in out.items()}
 
 

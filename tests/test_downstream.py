@@ -329,3 +329,9 @@ def test_eval_generation_writes_a_per_product_table(world, tmp_path):
     assert 0 < float(cells[3]) < float(cells[2])  # masked images differ less than whole images
     with pytest.raises(Exception, match="weights.inception"):
         eval_generation(cfg, tmp_path / "x")  # no local Inception file: the error names the config key
+
+
+def test_generation_paper_numbers_load_as_printed():
+    paper = tables.load_paper("seas_tab1", "mvtec_ad", percent=False)
+    assert paper["paper: SeaS"]["Average"] == {"is": 1.88, "ic_lpips": 0.34, "kid": 0.04, "ic_lpips_anomaly": 0.18}
+    assert "kid" not in paper["paper: AnomalyDiffusion"]["Average"]  # not reported ("-") stays absent

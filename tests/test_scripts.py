@@ -84,3 +84,21 @@ def test_synthetic_dataset_builds_on_first_use(tmp_path):
     assert r.returncode == 0, r.stderr
     assert json.loads(r.stdout)["pill"]["train"] == {"good": 200}
     assert (tmp_path / "synthetic" / "seed0_res64" / "world.json").is_file()
+
+
+def test_eval_downstream_one_command_on_a_real_layout_and_a_clear_error_for_a_broken_folder(tmp_path):
+    data = trees.mvtec_ad(tmp_path / "data", products=("widget",), n_per_type=3)
+    gen = trees.mvtec_ad(tmp_path / "gen", products=("widget",), n_per_type=2)
+    common = ["dataset=mvtec_ad", f"dataset.root={data}", "downstream.base=4", "image_size=32", "limits.max_train_steps=2",
+              "protocol=anomalydiffusion", "label=mygen"]
+    r = run("eval_downstream.py", *common, f"generated={gen}", f"hydra.run.dir={tmp_path / 'run'}",
+            env={"OMP_NUM_THREADS": "1"})
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "| widget |" in r.stdout and "mygen AUROC" in r.stdout and "baseline AUROC" in r.stdout
+    assert (tmp_path / "run" / "table.md").is_file() and (tmp_path / "run" / "grids").is_dir()
+    mask = gen / "widget" / "ground_truth" / "hole" / "000_mask.png"
+    mask.unlink()
+    r = run("eval_downstream.py", *common, f"generated={gen}", f"hydra.run.dir={tmp_path / 'run2'}")
+    assert r.returncode == 2
+    assert "000.png" in r.stderr and "mask" in r.stderr.lower()
+    assert not (tmp_path / "run2" / "checkpoints").exists()  # nothing trained before the folder was checked
