@@ -121,13 +121,15 @@ def augment_source(a: torch.Tensor) -> torch.Tensor:
     return a
 
 
+def blend(image: torch.Tensor, source: torch.Tensor, mask: torch.Tensor, beta: float | torch.Tensor) -> torch.Tensor:
+    """DRAEM's Eq. 1: I_a = (1 - M) * I + (1 - beta) * (M * A) + beta * (M * I)."""
+    return image * (1 - mask) + (1 - beta) * source * mask + beta * image * mask
+
+
 def simulate(image: torch.Tensor, source: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """One simulated anomaly on ``image`` (3, S, S): returns (augmented image, mask (S, S))."""
     m = perlin_mask(image.shape[-1])
-    beta = 0.8 * torch.rand(1)
-    a = augment_source(source)
-    out = image * (1 - m) + (1 - beta) * a * m + beta * image * m
-    return out, m
+    return blend(image, augment_source(source), m, 0.8 * torch.rand(1)), m
 
 
 # ----------------------------------------------------------------------------- losses
@@ -144,6 +146,14 @@ def ssim(x: torch.Tensor, y: torch.Tensor, window: int = 11, sigma: float = 1.5)
     sxx, syy, sxy = f(x * x) - mx ** 2, f(y * y) - my ** 2, f(x * y) - mx * my
     c1, c2 = 0.01 ** 2, 0.03 ** 2
     return (((2 * mx * my + c1) * (2 * sxy + c2)) / ((mx ** 2 + my ** 2 + c1) * (sxx + syy + c2))).mean()
+
+
+def reconstruction_loss(rec: torch.Tensor, target: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """DRAEM's L_rec = l2 + (1 - SSIM), counted only where ``weight`` (B, H, W) is 1: pixels with weight 0 (the
+    anomaly of a generated image, whose anomaly-free twin is unknown) take the target's value before SSIM."""
+    w = weight[:, None]
+    l2 = ((rec - target) ** 2 * w).sum() / (w.sum() * rec.shape[1]).clamp(min=1)
+    return l2 + 1 - ssim(rec * w + target * (1 - w), target)
 
 
 def make_step(anomaly_source: list[torch.Tensor] | None = None, gamma: float = 2.0):
@@ -164,9 +174,6 @@ def make_step(anomaly_source: list[torch.Tensor] | None = None, gamma: float = 2
         else:
             weight = 1 - m * (src == 1).view(-1, 1, 1).float()  # no anomaly-free twin of a generated image
         seg, rec = model(aug, return_reconstruction=True)
-        w = weight[:, None]
-        l2 = ((rec - target) ** 2 * w).sum() / (w.sum() * 3).clamp(min=1)
-        l_ssim = 1 - ssim(rec * w + target * (1 - w), target)
-        return l2 + l_ssim + focal_loss(seg, mask, gamma)
+        return reconstruction_loss(rec, target, weight) + focal_loss(seg, mask, gamma)
 
     return step

@@ -95,3 +95,71 @@ def test_classifiers_build_with_the_requested_classes():
     assert m(torch.randn(1, 3, 64, 64)).shape == (1, 3)
     with pytest.raises(ValueError, match="resnet34"):
         build_classifier(OmegaConf.create({"name": "vgg"}), 2)
+
+
+def test_draem_blend_is_eq_1_and_perlin_masks_are_binary():
+    from segmentation.draem import blend, perlin_mask
+
+    img, src = torch.full((3, 8, 8), 0.2), torch.full((3, 8, 8), 1.0)
+    m = torch.zeros(8, 8)
+    m[2:5, 3:6] = 1
+    out = blend(img, src, m, 0.25)
+    assert torch.allclose(out[:, m == 0], img[:, m == 0])                      # outside: the image
+    assert torch.allclose(out[:, m == 1], torch.full_like(out[:, m == 1], 0.75 * 1.0 + 0.25 * 0.2))  # inside
+    torch.manual_seed(0)
+    pm = perlin_mask(64)
+    assert set(pm.unique().tolist()) <= {0.0, 1.0} and 0 < pm.sum() < 64 * 64
+
+
+def test_draem_reconstruction_loss_ignores_the_masked_pixels_of_generated_images():
+    from segmentation.draem import reconstruction_loss
+
+    torch.manual_seed(0)
+    target = torch.rand(2, 3, 32, 32)
+    weight = torch.ones(2, 32, 32)
+    weight[0, 8:16, 8:16] = 0                                                    # a generated image's anomaly
+    rec = target.clone()
+    assert reconstruction_loss(rec, target, weight).item() < 1e-6
+    rec[0, :, 8:16, 8:16] = 1 - rec[0, :, 8:16, 8:16]                           # wrong only inside the mask
+    assert reconstruction_loss(rec, target, weight).item() < 1e-6
+    rec[1, :, 8:16, 8:16] = 1 - rec[1, :, 8:16, 8:16]                           # wrong where it counts
+    assert reconstruction_loss(rec, target, weight).item() > 1e-3
+
+
+def test_patchcore_coreset_and_nearest_neighbour_scores():
+    from segmentation.patchcore import PatchCore, gaussian_blur, greedy_coreset
+
+    pts = torch.tensor([[0.0], [1.0], [2.0], [10.0], [9.5]])
+    chosen = greedy_coreset(pts, 3, projection_dim=0)
+    # k-center: every pick after the (random) first is the point farthest from the points chosen before it
+    for i in range(1, 3):
+        d = torch.cdist(pts, pts[chosen[:i]]).min(1).values
+        assert d[chosen[i]] == d.max()
+    assert len(set(chosen.tolist())) == 3
+    flat = torch.ones(1, 16, 16)
+    assert torch.allclose(gaussian_blur(flat, 2.0), flat, atol=1e-6)           # a normalised kernel
+    torch.manual_seed(0)
+    pc = PatchCore("resnet18", preprocess_dim=32, target_dim=32, coreset_ratio=1.0, blur_sigma=0)
+    normal = torch.zeros(2, 3, 64, 64)
+    pc.fit([normal], progress=False)
+    odd = normal[:1].clone()
+    odd[:, :, 40:56, 40:56] = 3.0                                               # a bright square
+    maps, scores = pc(torch.cat([normal[:1], odd]))
+    assert scores[0] < 1e-4 < scores[1]                                         # a memorised image scores 0
+    assert maps[1, 44:52, 44:52].mean() > maps[1, :16, :16].mean()             # the square is where the map is high
+
+
+def test_segmentation_loss_adds_weighted_auxiliary_heads():
+    import torch.nn.functional as F
+
+    from segmentation.train import TrainSpec, segmentation_loss
+
+    torch.manual_seed(0)
+    main, aux = torch.randn(2, 2, 8, 8), torch.randn(2, 2, 8, 8)
+    target = (torch.rand(2, 8, 8) > 0.8).float()
+    spec = TrainSpec(loss="ce", aux_weight=0.4)
+    expected = F.cross_entropy(main, target.long()) + 0.4 * F.cross_entropy(aux, target.long())
+    assert torch.allclose(segmentation_loss((main, [aux]), target, spec), expected)
+    assert torch.allclose(segmentation_loss(main, target, spec), F.cross_entropy(main, target.long()))
+    focal = TrainSpec(loss="focal", focal_gamma=0.0, aux_weight=0.0)  # gamma 0: the focal loss is cross-entropy
+    assert torch.allclose(segmentation_loss((main, [aux]), target, focal), F.cross_entropy(main, target.long()))
