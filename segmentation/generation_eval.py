@@ -17,7 +17,6 @@ from collections import defaultdict
 from pathlib import Path
 
 import numpy as np
-import torch
 from omegaconf import DictConfig
 
 from core.data import DatasetError, apply_split, load_from_config
