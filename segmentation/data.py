@@ -15,10 +15,10 @@ from typing import Iterable, Sequence
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch.utils.data import Dataset
 
 from core.data import DatasetError, Sample, load_folder, read_image, read_mask, validate_files
+from core.data.torch_dataset import PairedTransform, to_tensor
 
 
 def load_generated(root: str | Path, products: Sequence[str], dataset_types: dict[str, list[str]] | None = None,
@@ -132,12 +132,10 @@ class ImagePool(Dataset):
         s = self.samples[i]
         img = read_image(s.path)
         mask = read_mask(s.mask_paths, img.shape[:2])
-        x = torch.from_numpy(np.ascontiguousarray(img)).permute(2, 0, 1)[None].float()
-        m = torch.from_numpy(mask)[None, None].float()
-        if x.shape[-1] != self.size or x.shape[-2] != self.size:
-            x = F.interpolate(x, size=(self.size, self.size), mode="bilinear", antialias=True, align_corners=False)
-            m = F.interpolate(m, size=(self.size, self.size), mode="nearest")
-        return x[0].round().clamp(0, 255).to(torch.uint8), (m[0, 0] > 0.5).to(torch.uint8)
+        resize = PairedTransform(self.size).resize  # the data layer's paired resize (bilinear+antialias / nearest)
+        x = resize(to_tensor(img), is_mask=False)
+        m = resize(torch.from_numpy(mask)[None].float(), is_mask=True)
+        return (x * 255).round().clamp(0, 255).to(torch.uint8), (m[0] > 0.5).to(torch.uint8)
 
     def __getitem__(self, i: int) -> dict:
         if self._images[i] is None:
