@@ -68,8 +68,9 @@ class SDComponents:
         return next(self.unet.parameters()).device
 
     def to(self, device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> "SDComponents":
+        kw = {k: v for k, v in (("device", device), ("dtype", dtype)) if v is not None}
         for m in (self.unet, self.vae, self.text_encoder):
-            m.to(device=device, dtype=dtype)
+            m.to(**kw)  # no dtype=None: diffusers warns about casting when dtype is passed at all
         return self
 
     def tokenize(self, prompts: Sequence[str]) -> torch.Tensor:

@@ -1,0 +1,563 @@
+"""SeaS loops: ``train`` (Separation and Sharing fine-tuning, Sec. 3.2, then the RMP branch, Sec. 3.3) and
+``generate`` (Sec. 3.4). Modules and losses live in ``seas/model.py``; options in ``configs/method/seas.yaml``.
+
+Run directory written by ``train`` (``scripts/train.py``)::
+
+    config.yaml          the resolved Hydra config (core.runs)
+    generator/           fine-tuned U-Net + text encoder (with the UA tokens) + VAE, tokenizer, scheduler (diffusers)
+    seas.json            the UA prompt (types, tokens), product, training images
+    rmp.safetensors      the Refined Mask Prediction branch, rmp.json its constructor arguments
+    train_state.pt       only while a stage runs: the resumable state, removed when the stage's result is saved
+"""
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Sequence
+
+import numpy as np
+import torch
+from omegaconf import DictConfig, OmegaConf
+from tqdm.auto import tqdm
+
+from core.data import DatasetError, Sample, load_from_config, read_image, read_mask, split_from_config
+from core.data.torch_dataset import PairedTransform, to_tensor
+from core.diffusion import AttentionStore, attention_control, capture_outputs, cfg_eps, sample
+from core.export import GeneratedWriter
+from core.io import torch_save, write_json
+from core.models import SDComponents, load_diffusers_dir, load_model
+from core.runs import resolve_device
+
+from .model import (RefinedMaskPrediction, SeaSLoss, UAPrompt, add_ua_tokens, anomaly_probability, da_layers, da_loss,
+                    official_start_signal, rmp_loss, seas_loss, token_positions)
+
+STATE = "train_state.pt"
+
+
+# ------------------------------------------------------------------------------------------------------- data
+@dataclass
+class TrainingImages:
+    """X_df (anomalies with masks, their types) and X_ob (normals) of one product, as tensors at the model's size."""
+
+    anomalies: torch.Tensor      # (H, 3, S, S) in [0, 1]
+    masks: torch.Tensor          # (H, 1, S, S) in {0, 1}
+    types: list[str]             # type of each anomaly
+    normals: torch.Tensor        # (P, 3, S, S)
+    anomaly_paths: list[str]
+    normal_paths: list[str]
+
+
+def training_samples(cfg: DictConfig, product: str) -> tuple[list[Sample], list[Sample]]:
+    """The split's training anomalies of ``product`` (one_third: first max(n/3, 1) per type by name) and its first
+    ``n_normal`` training normals by file name (the paper's 60; the official code's min(#anomalies, 60) is a bug)."""
+    split = split_from_config(load_from_config(cfg.dataset, [product]), cfg.split)
+    anomalies = sorted((s for s in split.train if s.label == 1 and s.product == product), key=lambda s: s.path)
+    normals = sorted((s for s in split.train if s.label == 0 and s.product == product), key=lambda s: s.path)
+    normals = normals[:int(cfg.method.train.n_normal)]
+    if not anomalies:
+        raise DatasetError(f"Product '{product}' has no training anomalies under split '{cfg.split.name}' in "
+                           f"{cfg.dataset.root}. SeaS needs a few masked anomaly images per type.")
+    if not normals:
+        raise DatasetError(f"Product '{product}' has no normal training images (train/good) in {cfg.dataset.root}.")
+    return anomalies, normals
+
+
+def load_images(anomalies: Sequence[Sample], normals: Sequence[Sample], size: int) -> TrainingImages:
+    resize = PairedTransform(size=size)
+    imgs, masks = [], []
+    for s in anomalies:
+        x = read_image(s.path)
+        imgs.append(resize.resize(to_tensor(x), False))
+        masks.append((resize.resize(torch.from_numpy(read_mask(s.mask_paths, x.shape[:2]))[None].float(), True) > 0.5)
+                     .float())
+    norm = [resize.resize(to_tensor(read_image(s.path)), False) for s in normals]
+    return TrainingImages(torch.stack(imgs), torch.stack(masks), [s.anomaly_type for s in anomalies],
+                          torch.stack(norm), [s.path for s in anomalies], [s.path for s in normals])
+
+
+@dataclass
+class Batch:
+    images: torch.Tensor        # (Ba + Bn, 3, S, S): [anomalies; normals]
+    masks: torch.Tensor         # (Ba, 1, S, S)
+    types: list[str]            # (Ba,)
+    n_anomaly: int
+
+
+def mixed_batch(data: TrainingImages, seed: int, step: int, n_anomaly: int, n_normal: int, augment: bool) -> Batch:
+    """Mixed training (Sec. 3.2): ``n_anomaly`` images of X_df and ``n_normal`` of X_ob, a pure function of
+    (seed, step) so that a resumed run sees the same batches. Augmentation (A.3 / official): one random flip /
+    90-degree rotation per pair, applied alike to an anomaly image, its mask and its paired normal image."""
+    g = torch.Generator().manual_seed(seed * 1_000_003 + step)
+    ia = torch.randint(len(data.types), (n_anomaly,), generator=g).tolist()
+    io = torch.randint(data.normals.shape[0], (n_normal,), generator=g).tolist()
+    tf = PairedTransform(hflip=augment, vflip=augment, rot90=augment)
+    anoms, masks, norms = [], [], []
+    for j in range(max(n_anomaly, n_normal)):
+        p = tf.sample_params(g)
+        if j < n_anomaly:
+            anoms.append(tf.geometric(data.anomalies[ia[j]], p))
+            masks.append(tf.geometric(data.masks[ia[j]], p))
+        if j < n_normal:
+            norms.append(tf.geometric(data.normals[io[j]], p))
+    return Batch(torch.stack(anoms + norms), torch.stack(masks), [data.types[i] for i in ia], n_anomaly)
+
+
+def batch_noise(seed: int, step: int, shape: tuple[int, ...], T: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Timesteps t ~ U{0..T-1} and noise eps ~ N(0, I) for a step (own stream, independent of the images)."""
+    g = torch.Generator().manual_seed((seed + 7919) * 1_000_003 + step)
+    return torch.randint(0, T, (shape[0],), generator=g), torch.randn(shape, generator=g)
+
+
+# ------------------------------------------------------------------------------------------------ generator
+def build_prompt(types: Sequence[str], comp: SDComponents, cfg_prompt: DictConfig | dict | None = None) -> UAPrompt:
+    opts = dict(cfg_prompt or {})
+    prompt = UAPrompt(tuple(types), **{k: v for k, v in opts.items() if v is not None})
+    add_ua_tokens(prompt, comp.tokenizer, comp.text_encoder)
+    return prompt
+
+
+def make_optimizer(params: list[dict], kind: str, weight_decay: float) -> torch.optim.Optimizer:
+    """AdamW (paper, A.3); ``adamw8bit``: bitsandbytes' 8-bit AdamW, which the official code forces (memory only)."""
+    if kind == "adamw":
+        return torch.optim.AdamW(params, weight_decay=weight_decay)
+    if kind == "adamw8bit":
+        try:
+            import bitsandbytes as bnb
+        except ImportError:
+            raise ImportError("method.train.optimizer=adamw8bit needs bitsandbytes (pip install bitsandbytes, CUDA "
+                              "only); use optimizer=adamw otherwise.") from None
+        return bnb.optim.AdamW8bit(params, weight_decay=weight_decay)
+    raise ValueError(f"Unknown method.train.optimizer '{kind}'. Use adamw or adamw8bit.")
+
+
+def total_steps(stage_cfg: DictConfig, n_types: int, limits: DictConfig | None) -> int:
+    """800 x G optimizer updates (A.3), unless ``steps`` is set; ``limits.max_train_steps`` caps it."""
+    steps = stage_cfg.get("steps") or int(stage_cfg.steps_per_type) * n_types
+    cap = limits.get("max_train_steps") if limits is not None else None
+    return int(min(steps, cap) if cap else steps)
+
+
+class SeaSTrainer:
+    """One optimizer update of Eq. 6 on a mixed batch; the pieces ``train_generator`` and the benchmark share."""
+
+    def __init__(self, comp: SDComponents, prompt: UAPrompt, tcfg: DictConfig):
+        self.comp, self.prompt, self.cfg = comp, prompt, tcfg
+        self.layers = da_layers(comp.unet, comp.latent_size)
+        self.convention = str(tcfg.da_convention)
+        self.store = AttentionStore(softmax="token" if self.convention == "paper" else "spatial", keep_grad=True)
+        comp.vae.requires_grad_(False)
+        comp.text_encoder.requires_grad_(False)
+        self.table = comp.text_encoder.get_input_embeddings().weight
+        self.table.requires_grad_(True)
+        comp.unet.requires_grad_(True)
+        comp.unet.train()
+        new_ids = torch.tensor(sorted(prompt.ids.values()))
+        self.row_mask = None
+        if tcfg.embeddings == "new":  # paper: only the new rows learn; official ("table"): the whole table does
+            self.row_mask = torch.zeros(self.table.shape[0], 1, dtype=self.table.dtype, device=self.table.device)
+            self.row_mask[new_ids] = 1
+            self.frozen_rows = self.table.detach().clone()
+        elif tcfg.embeddings != "table":
+            raise ValueError(f"method.train.embeddings must be 'table' or 'new', got '{tcfg.embeddings}'.")
+        self.optimizer = make_optimizer(
+            [{"params": list(comp.unet.parameters()), "lr": float(tcfg.lr_unet)},
+             {"params": [self.table], "lr": float(tcfg.lr_embeddings)}],
+            str(tcfg.optimizer), float(tcfg.weight_decay))
+
+    def loss(self, batch: Batch, t: torch.Tensor, eps: torch.Tensor) -> SeaSLoss:
+        comp, dev = self.comp, self.comp.device
+        with torch.no_grad():
+            z0 = comp.encode_images(batch.images.to(dev))
+        z_t = comp.scheduler.add_noise(z0, eps.to(dev), t.to(dev))
+        prompts = [self.prompt.anomaly_prompt(ty) for ty in batch.types] + \
+                  [self.prompt.normal_prompt] * (batch.images.shape[0] - batch.n_anomaly)
+        ids = comp.tokenize(prompts)
+        e = comp.text_encoder(ids)[0]                                     # (B, L, D), grad reaches the table
+        ob, df = token_positions(self.prompt, ids[:batch.n_anomaly].cpu(), batch.types)
+        self.store.reset()
+        with attention_control(comp.unet, [n for v in self.layers.values() for n in v], store=self.store):
+            eps_pred = comp.unet(z_t, t.to(dev), encoder_hidden_states=e).sample
+        da = da_loss(self.store, self.layers, batch.masks.to(dev), ob, df, comp.latent_size, self.convention,
+                     str(self.cfg.da_normal_region), n=batch.n_anomaly)
+        self.store.reset()
+        return seas_loss(eps_pred, eps.to(dev), batch.n_anomaly, da, float(self.cfg.da_weight))
+
+    def step(self, batches: Sequence[tuple[Batch, torch.Tensor, torch.Tensor]]) -> dict[str, float]:
+        """One optimizer update over ``batches`` (gradient accumulation)."""
+        self.optimizer.zero_grad(set_to_none=True)
+        logs = {"loss": 0.0, "sd": 0.0, "na": 0.0, "da": 0.0}
+        for b, t, eps in batches:
+            terms = self.loss(b, t, eps)
+            (terms.total / len(batches)).backward()
+            for k, v in (("loss", terms.total), ("sd", terms.sd), ("na", terms.na), ("da", terms.da)):
+                logs[k] += float(v.detach()) / len(batches)
+        if self.row_mask is not None and self.table.grad is not None:
+            self.table.grad.mul_(self.row_mask)
+        self.optimizer.step()
+        if self.row_mask is not None:  # AdamW's weight decay moves every row: put the frozen ones back
+            with torch.no_grad():
+                self.table.copy_(torch.where(self.row_mask.bool(), self.table, self.frozen_rows))
+        return logs
+
+
+def _load_state(path: Path, modules: dict, optimizer: torch.optim.Optimizer, what: str) -> int:
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=False)
+        for k, m in modules.items():
+            if isinstance(m, torch.Tensor):
+                with torch.no_grad():
+                    m.copy_(state[k])
+            else:
+                m.load_state_dict(state[k])
+        optimizer.load_state_dict(state["optimizer"])
+    except (RuntimeError, KeyError, EOFError, OSError) as e:
+        raise RuntimeError(f"Cannot resume {what} from {path}: {e}. The file is from another configuration or "
+                           f"damaged; delete it to start this stage afresh.") from e
+    return int(state["step"])
+
+
+def train_generator(cfg: DictConfig, run_dir: Path, comp: SDComponents, data: TrainingImages,
+                    prompt: UAPrompt, on_step: Callable[[int], None] | None = None) -> Path:
+    """Separation and Sharing fine-tuning (Eq. 6) for 800 x G updates; resumable from ``run_dir/train_state.pt``.
+
+    Each update: ``batch_anomaly`` anomaly + ``batch_normal`` normal images in one forward pass; the whole U-Net
+    (lr 4e-6) and the token embeddings (lr 4e-5) learn; the checkpoint is written atomically every
+    ``checkpoint_every`` updates. Returns the saved ``generator/`` directory.
+    """
+    tcfg, seed = cfg.method.train, int(cfg.seed)
+    steps = total_steps(tcfg, len(prompt.types), cfg.get("limits"))
+    trainer = SeaSTrainer(comp, prompt, tcfg)
+    state_path = run_dir / STATE
+    start = 0
+    if state_path.is_file():
+        start = _load_state(state_path, {"unet": comp.unet, "table": trainer.table}, trainer.optimizer, "training")
+    T = comp.scheduler.config.num_train_timesteps
+    accum, every = int(tcfg.grad_accum), int(tcfg.checkpoint_every)
+    bar = tqdm(range(start, steps), desc=f"SeaS fine-tuning ({cfg.product})", initial=start, total=steps)
+    for step in bar:
+        batches = []
+        for a in range(accum):
+            b = mixed_batch(data, seed, step * accum + a, int(tcfg.batch_anomaly), int(tcfg.batch_normal),
+                            bool(tcfg.augment))
+            latent = (b.images.shape[0], comp.unet.config.in_channels, comp.latent_size, comp.latent_size)
+            t, eps = batch_noise(seed, step * accum + a, latent, T)
+            batches.append((b, t, eps))
+        logs = trainer.step(batches)
+        bar.set_postfix({k: f"{v:.4f}" for k, v in logs.items()})
+        done = step + 1
+        if done % every == 0 and done < steps:
+            torch_save({"unet": comp.unet.state_dict(), "table": trainer.table.detach().cpu(),
+                        "optimizer": trainer.optimizer.state_dict(), "step": done}, state_path)
+        if on_step is not None:
+            on_step(done)
+    comp.unet.eval()
+    out = comp.save(run_dir / "generator", config=OmegaConf.to_container(cfg, resolve=True))
+    if state_path.exists():
+        state_path.unlink()
+    return out
+
+
+# ------------------------------------------------------------------------------------------------------ RMP
+def build_rmp(comp: SDComponents, rcfg: DictConfig | dict) -> tuple[RefinedMaskPrediction, dict]:
+    kw = dict(coarse_channels=tuple(rcfg["coarse_channels"]), mrm_channels=tuple(rcfg["mrm_channels"]),
+              transformer_layers=int(rcfg["transformer_layers"]), heads=int(rcfg["heads"]))
+    return RefinedMaskPrediction.for_models(comp.unet.config, comp.vae.config, **kw), kw
+
+
+def rmp_features(comp: SDComponents, rmp: RefinedMaskPrediction, z_t: torch.Tensor, t: torch.Tensor,
+                 e: torch.Tensor, n_refine: int) -> tuple[list[torch.Tensor], list[torch.Tensor], torch.Tensor]:
+    """U-Net decoder features at (z_t, t) and VAE-decoder features of x_{t-1} after one (DDIM, eta 0) step, for the
+    first ``n_refine`` rows (A.5: "the VAE features come from decoding x_{t-1}"). Generator frozen, no grad."""
+    names_u, names_v = rmp.feature_names(comp.unet, comp.vae)
+    with torch.no_grad(), capture_outputs(comp.unet, names_u) as fu:
+        eps = comp.unet(z_t, t, encoder_hidden_states=e).sample
+    abar = comp.scheduler.alphas_cumprod.to(z_t.device, z_t.dtype)
+    a_t = abar[t].view(-1, 1, 1, 1)
+    a_prev = torch.where(t > 0, abar[(t - 1).clamp(min=0)], torch.ones_like(abar[t])).view(-1, 1, 1, 1)
+    x0 = (z_t - (1 - a_t).sqrt() * eps) / a_t.sqrt()
+    z_prev = a_prev.sqrt() * x0 + (1 - a_prev).sqrt() * eps
+    with torch.no_grad(), capture_outputs(comp.vae, names_v) as fv:
+        img = comp.decode_latents(z_prev[:n_refine])
+    return [fu[n] for n in names_u], [fv[n] for n in names_v], img
+
+
+def train_rmp(cfg: DictConfig, run_dir: Path, comp: SDComponents, data: TrainingImages, prompt: UAPrompt,
+              on_step: Callable[[int], None] | None = None) -> Path:
+    """The RMP branch (Sec. 3.3) on the frozen fine-tuned generator: Eq. 7 with 2 anomaly + 2 normal images per
+    update (normals: all-zero targets, coarse path only), AdamW lr 5e-4, 800 x G updates; resumable."""
+    rcfg, seed = cfg.method.rmp, int(cfg.seed)
+    steps = total_steps(rcfg, len(prompt.types), cfg.get("limits"))
+    comp.unet.eval(), comp.vae.eval(), comp.text_encoder.eval()
+    for m in (comp.unet, comp.vae, comp.text_encoder):
+        m.requires_grad_(False)
+    torch.manual_seed(seed)
+    rmp, kw = build_rmp(comp, rcfg)
+    rmp.to(comp.device).train()
+    opt = torch.optim.AdamW(rmp.parameters(), lr=float(rcfg.lr), weight_decay=float(cfg.method.train.weight_decay))
+    state_path = run_dir / STATE
+    start = _load_state(state_path, {"rmp": rmp}, opt, "RMP training") if state_path.is_file() else 0
+    t_lo, t_hi = (int(v) for v in rcfg.t_range)
+    with torch.no_grad():
+        e_cache = {ty: comp.encode_prompt([prompt.prompt(ty)]) for ty in (*prompt.types, None)}
+    bar = tqdm(range(start, steps), desc=f"SeaS mask branch ({cfg.product})", initial=start, total=steps)
+    for step in bar:
+        b = mixed_batch(data, seed + 1, step, int(rcfg.batch_anomaly), int(rcfg.batch_normal),
+                        bool(cfg.method.train.augment))
+        dev = comp.device
+        g = torch.Generator().manual_seed((seed + 104729) * 1_000_003 + step)
+        n = b.images.shape[0]
+        t = torch.randint(t_lo, t_hi, (n,), generator=g).to(dev)
+        with torch.no_grad():
+            z0 = comp.encode_images(b.images.to(dev))
+        eps = torch.randn(z0.shape, generator=g).to(dev)
+        z_t = comp.scheduler.add_noise(z0, eps, t)
+        e = torch.cat([e_cache[ty] for ty in b.types] + [e_cache[None]] * (n - b.n_anomaly))
+        fu, fv, _ = rmp_features(comp, rmp, z_t, t, e, b.n_anomaly)
+        coarse, refined_df = rmp(fu, fv)  # refined for the anomaly rows only (the VAE features are theirs)
+        coarse_df, coarse_ob = coarse[:b.n_anomaly], coarse[b.n_anomaly:]
+        loss = rmp_loss(coarse_df, refined_df, b.masks.to(dev), coarse_ob, tuple(b.images.shape[-2:]),
+                        float(rcfg.focal_gamma))
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        bar.set_postfix(loss=f"{float(loss):.4f}")
+        done = step + 1
+        if done % int(rcfg.checkpoint_every) == 0 and done < steps:
+            torch_save({"rmp": rmp.state_dict(), "optimizer": opt.state_dict(), "step": done}, state_path)
+        if on_step is not None:
+            on_step(done)
+    rmp.eval()
+    from safetensors.torch import save_file
+
+    from core.io import atomic_write
+    atomic_write(run_dir / "rmp.safetensors", lambda p: save_file({k: v.contiguous().cpu()
+                                                                    for k, v in rmp.state_dict().items()}, str(p)))
+    write_json(run_dir / "rmp.json", {**{k: list(v) if isinstance(v, tuple) else v for k, v in kw.items()},
+                                      "steps": steps})
+    if state_path.exists():
+        state_path.unlink()
+    return run_dir / "rmp.safetensors"
+
+
+# ---------------------------------------------------------------------------------------------------- train
+def train(cfg: DictConfig, run_dir: Path) -> Path:
+    """Fit SeaS to ``cfg.product``: the generator (skipped when ``generator/`` exists), then the RMP branch (skipped
+    when ``rmp.safetensors`` exists). ``method.train.stages`` may restrict it to [generator] or [rmp]."""
+    run_dir = Path(run_dir)
+    product = str(cfg.product)
+    device = resolve_device(str(cfg.device))
+    torch.manual_seed(int(cfg.seed))
+    anomalies, normals = training_samples(cfg, product)
+    stages = list(cfg.method.train.get("stages") or ["generator", "rmp"])
+    gen_dir = run_dir / "generator"
+    if "generator" in stages and not (gen_dir / "model_index.json").is_file():
+        comp = load_model(cfg.model).to(device)
+        data = load_images(anomalies, normals, comp.resolution)
+        prompt = build_prompt(sorted({s.anomaly_type for s in anomalies}), comp, cfg.method.get("prompt"))
+        write_json(run_dir / "seas.json", {"product": product, "prompt": prompt.to_dict(),
+                                           "train_anomalies": data.anomaly_paths, "train_normals": data.normal_paths,
+                                           "resolution": comp.resolution})
+        t0 = time.time()
+        train_generator(cfg, run_dir, comp, data, prompt)
+        _log_time(run_dir, "generator", time.time() - t0)
+        del comp
+    if "rmp" in stages and not (run_dir / "rmp.safetensors").is_file():
+        comp, prompt = load_generator(run_dir, device)
+        data = load_images(anomalies, normals, comp.resolution)
+        t0 = time.time()
+        train_rmp(cfg, run_dir, comp, data, prompt)
+        _log_time(run_dir, "rmp", time.time() - t0)
+    return run_dir
+
+
+def _log_time(run_dir: Path, stage: str, seconds: float) -> None:
+    path = run_dir / "timings.json"
+    times = json.loads(path.read_text()) if path.is_file() else {}
+    times[stage] = round(seconds, 1)
+    write_json(path, times)
+
+
+def load_generator(run_dir: Path, device: torch.device | str = "cpu") -> tuple[SDComponents, UAPrompt]:
+    """The fine-tuned components and the UA prompt (ids from the saved tokenizer) of a training run."""
+    run_dir = Path(run_dir)
+    meta_path = run_dir / "seas.json"
+    if not (run_dir / "generator" / "model_index.json").is_file() or not meta_path.is_file():
+        raise FileNotFoundError(f"{run_dir} holds no trained SeaS generator (expected generator/ and seas.json). "
+                                f"Fix: run scripts/train.py method=seas ... hydra.run.dir={run_dir} to finish it.")
+    meta = json.loads(meta_path.read_text())
+    comp = load_diffusers_dir(run_dir / "generator", "SeaS generator", "checkpoint", "nothing (train it)",
+                              resolution=meta.get("resolution"))
+    comp.to(device)
+    p = meta["prompt"]
+    prompt = UAPrompt(tuple(p.pop("types")), **p)
+    vocab = comp.tokenizer.get_vocab()
+    prompt.ids.update({t: vocab[t] for t in [prompt.normal_token, *prompt.all_anomaly_tokens]})
+    return comp, prompt
+
+
+def load_rmp(run_dir: Path, comp: SDComponents) -> RefinedMaskPrediction:
+    from safetensors.torch import load_file
+
+    path = Path(run_dir) / "rmp.safetensors"
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} is missing: the mask branch was not trained. Fix: rerun scripts/train.py "
+                                f"with hydra.run.dir={run_dir} (it trains only what is missing).")
+    kw = json.loads((Path(run_dir) / "rmp.json").read_text())
+    kw.pop("steps", None)
+    rmp = RefinedMaskPrediction.for_models(comp.unet.config, comp.vae.config,
+                                           **{k: tuple(v) if isinstance(v, list) else v for k, v in kw.items()})
+    rmp.load_state_dict(load_file(str(path)))
+    return rmp.to(comp.device).eval()  # eval: the official code leaves BatchNorm in training mode here (a bug)
+
+
+# ------------------------------------------------------------------------------------------------- generate
+def make_scheduler(comp: SDComponents, kind: str):
+    """The inference sampler: DPM-Solver++ (2nd order multistep), the official one, or DDIM."""
+    from diffusers import DDIMScheduler, DPMSolverMultistepScheduler
+
+    if kind == "dpmsolver++":
+        return DPMSolverMultistepScheduler.from_config(comp.scheduler.config, algorithm_type="dpmsolver++",
+                                                       solver_order=2)
+    if kind == "ddim":
+        return DDIMScheduler.from_config(comp.scheduler.config)
+    raise ValueError(f"Unknown method.generate.sampler '{kind}'. Use dpmsolver++ or ddim.")
+
+
+def start_signal(gcfg: DictConfig | dict) -> float:
+    """Signal coefficient of the noised-normal start on the scaled latent: ``official`` = SD's 1500-step start
+    (about 0.098, :func:`seas.model.official_start_signal`), or a number."""
+    s = gcfg["start_signal"]
+    return official_start_signal() if s == "official" else float(s)
+
+
+@torch.no_grad()
+def sample_with_masks(comp: SDComponents, scheduler, z_T: torch.Tensor, cond: torch.Tensor, uncond: torch.Tensor,
+                      guidance: float, num_steps: int, rmp: RefinedMaskPrediction | None = None,
+                      mask_steps: int = 3, progress: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Sec. 3.4: denoise ``z_T`` with CFG over the full ``num_steps`` schedule; with ``rmp``, the anomaly probability
+    of each of the last ``mask_steps`` steps (conditional-branch U-Net features of the step, VAE features of its
+    output x_{t-1}), averaged. Returns images (B, 3, S, S) in [0, 1] and probabilities (B, S, S) or None."""
+    scheduler.set_timesteps(num_steps)
+    n = len(scheduler.timesteps)
+    first_masked = n - mask_steps
+    names_u, names_v = (rmp.feature_names(comp.unet, comp.vae) if rmp is not None else ([], []))
+    state: dict = {"capture": False, "feats": None, "probs": []}
+    eps_cfg = cfg_eps(comp.unet, cond, uncond, guidance)
+    B = z_T.shape[0]
+
+    def eps_fn(z, t):
+        if not state["capture"]:
+            return eps_cfg(z, t)
+        with capture_outputs(comp.unet, names_u) as found:
+            eps = eps_cfg(z, t)
+        state["feats"] = [found[k][-B:] for k in names_u]  # the conditional half of [uncond; cond]
+        return eps
+
+    def decode(z):
+        with capture_outputs(comp.vae, names_v) as fv:
+            img = comp.decode_latents(z)
+        if state["feats"] is not None:
+            _, refined = rmp(state["feats"], [fv[k] for k in names_v])
+            state["probs"].append(anomaly_probability(refined))
+        return img
+
+    def callback(step):
+        if rmp is not None and step.index > first_masked:  # latents = output x_{t-1} of the previous (masked) step
+            decode(step.latents)
+        state["capture"] = rmp is not None and step.index >= first_masked
+
+    z = sample(eps_fn, scheduler, z_T, callback=callback, progress=progress, desc="SeaS sampling")
+    images = decode(z) if rmp is not None else comp.decode_latents(z)
+    probs = torch.stack(state["probs"]).mean(0) if state["probs"] else None
+    return images, probs
+
+
+def item_generator(seed: int, anomaly_type: str | None, index: int) -> torch.Generator:
+    """Per-item randomness (source normal image, start noise): an item's result does not depend on batching or on
+    which items a resumed run still has to make."""
+    key = f"{seed}/{anomaly_type or 'good'}/{index}"
+    return torch.Generator().manual_seed(int.from_bytes(key.encode(), "little") % (2 ** 63 - 1))
+
+
+def generation_config(cfg: DictConfig) -> dict:
+    g = cfg.method.generate
+    return {"method": "seas", "product": str(cfg.product), "seed": int(cfg.seed),
+            "generate": {k: g[k] for k in ("num_inference_steps", "sampler", "guidance", "start_signal", "start_noise",
+                                           "mask_steps", "mask_threshold", "negative_prompt")},
+            "steps_cap": (cfg.get("limits") or {}).get("num_inference_steps")}
+
+
+def generate(cfg: DictConfig, checkpoint: Path | None, out_dir: Path) -> Path:
+    """N image-mask pairs per anomaly type and N normal images (prompt "a <ob>") for ``cfg.product``, each from a
+    noised real normal training image, written through :class:`core.export.GeneratedWriter` (resumable)."""
+    if checkpoint is None:
+        raise FileNotFoundError("SeaS generates from a trained model: pass checkpoint=<the run directory of "
+                                "scripts/train.py method=seas ...>.")
+    g = cfg.method.generate
+    device = resolve_device(str(cfg.device))
+    comp, prompt = load_generator(checkpoint, device)
+    comp.unet.eval(), comp.vae.eval(), comp.text_encoder.eval()
+    rmp = load_rmp(checkpoint, comp)
+    meta = json.loads((Path(checkpoint) / "seas.json").read_text())
+    sources = meta["train_normals"]
+    limits = cfg.get("limits") or {}
+    n = int(cfg.get("n_per_type") or g.n_per_type)
+    n = min(n, int(limits["n_per_type"])) if limits.get("n_per_type") else n
+    n_normals = n if g.get("n_normals") is None else int(g.n_normals)
+    n_normals = min(n_normals, n) if limits.get("n_per_type") else n_normals
+    steps = int(g.num_inference_steps)
+    steps = min(steps, int(limits["num_inference_steps"])) if limits.get("num_inference_steps") else steps
+    scheduler = make_scheduler(comp, str(g.sampler))
+    signal, noise_scale = start_signal(g), float(g.start_noise)
+    writer = GeneratedWriter(out_dir, str(cfg.product), "seas", generation_config(cfg), str(checkpoint),
+                             int(cfg.seed))
+    items = [(ty, i) for ty in prompt.types for i in range(n)] + [(None, i) for i in range(n_normals)]
+    todo = [it for it in items if not writer.is_done(*it)]
+    bs = int(g.batch_size)
+    batches = [todo[i:i + bs] for i in range(0, len(todo), bs)]
+    # anomalies and normals are never mixed in a batch: only anomalies need the mask branch
+    batches = [[it for it in b if it[0] is not None] for b in batches] + [[it for it in b if it[0] is None]
+                                                                        for b in batches]
+    batches = [b for b in batches if b]
+    resize = PairedTransform(size=comp.resolution)
+    src_cache: dict[int, torch.Tensor] = {}
+    with torch.no_grad():
+        uncond1 = comp.encode_prompt([str(g.negative_prompt)])
+        cond_cache = {ty: comp.encode_prompt([prompt.prompt(ty)]) for ty in (*prompt.types, None)}
+    latent_shape = (comp.unet.config.in_channels, comp.latent_size, comp.latent_size)
+    for b in tqdm(batches, desc=f"SeaS generation ({cfg.product}, {len(todo)} images)"):
+        src_idx, noises = [], []
+        for ty, i in b:
+            gen = item_generator(int(cfg.seed), ty, i)
+            src_idx.append(int(torch.randint(len(sources), (1,), generator=gen)))
+            noises.append(torch.randn(latent_shape, generator=gen))
+        for j in src_idx:
+            if j not in src_cache:
+                src_cache[j] = resize.resize(to_tensor(read_image(sources[j])), False)
+        with torch.no_grad():
+            z0 = comp.encode_images(torch.stack([src_cache[j] for j in src_idx]).to(device))
+        z_T = signal * z0 + noise_scale * torch.stack(noises).to(device)
+        cond = torch.cat([cond_cache[ty] for ty, _ in b])
+        uncond = uncond1.expand(len(b), -1, -1)
+        is_anomaly = b[0][0] is not None
+        images, probs = sample_with_masks(comp, scheduler, z_T, cond, uncond, float(g.guidance), steps,
+                                          rmp if is_anomaly else None, int(g.mask_steps))
+        images = (images.permute(0, 2, 3, 1).cpu().numpy() * 255).round().astype(np.uint8)
+        for k, (ty, i) in enumerate(b):
+            source = {"source": sources[src_idx[k]]}
+            if ty is None:
+                writer.write_normal(i, images[k], **source)
+            else:
+                mask = (probs[k] > float(g.mask_threshold)).cpu().numpy()
+                writer.write_anomaly(ty, i, images[k], mask, mask_fraction=round(float(mask.mean()), 5), **source)
+    from core.data import load_folder
+    from core.data.visualize import contact_sheet
+    contact_sheet(load_folder(out_dir, [str(cfg.product)]), Path(out_dir) / f"{cfg.product}_grid.png")
+    return Path(out_dir)
+
+
+__all__ = ["Batch", "SeaSTrainer", "TrainingImages", "build_prompt", "build_rmp", "generate", "load_generator",
+           "load_images", "load_rmp", "make_scheduler", "mixed_batch", "rmp_features", "sample_with_masks",
+           "train", "train_generator", "train_rmp", "training_samples"]
