@@ -322,7 +322,7 @@ def train_rmp(cfg: DictConfig, run_dir: Path, comp: SDComponents, data: Training
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
-        bar.set_postfix(loss=f"{float(loss):.4f}")
+        bar.set_postfix(loss=f"{float(loss.detach()):.4f}")
         done = step + 1
         if done % int(rcfg.checkpoint_every) == 0 and done < steps:
             torch_save({"rmp": rmp.state_dict(), "optimizer": opt.state_dict(), "step": done}, state_path)
@@ -554,7 +554,9 @@ def generate(cfg: DictConfig, checkpoint: Path | None, out_dir: Path) -> Path:
                 writer.write_anomaly(ty, i, images[k], mask, mask_fraction=round(float(mask.mean()), 5), **source)
     from core.data import load_folder
     from core.data.visualize import contact_sheet
-    contact_sheet(load_folder(out_dir, [str(cfg.product)]), Path(out_dir) / f"{cfg.product}_grid.png")
+    grid = Path(out_dir) / f"{cfg.product}_grid.png"
+    if todo or not grid.is_file():
+        contact_sheet(load_folder(out_dir, [str(cfg.product)]), grid)
     return Path(out_dir)
 
 

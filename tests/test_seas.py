@@ -58,14 +58,14 @@ def test_da_loss_official_convention_batch_minmax_hand_worked():
 @pytest.mark.parametrize("convention", ["paper", "official"])
 def test_normal_token_term_acts_only_inside_the_mask(convention):
     M = torch.tensor([[[1.0, 0], [0, 0]]])
-    base = [[0.3, 0.1], [0.2, 0.0]]
+    base = [[0.2, 0.1], [0.3, 0.0]]  # the mask cell is neither the min nor the max of the normal map
     A, ob, df = _maps([[[1, 0], [0, 0]]] * 4, base)
     ref = da_loss_at(A, M, ob, df, convention)
     outside = A.clone()
-    outside[0, 1, 1, 1] = 0.15  # inside [min, max] of the normal map: the official min-max is unchanged too
+    outside[0, 0, 1, 1] = 0.15  # within [min, max]: the official batch min-max is unchanged too
     torch.testing.assert_close(da_loss_at(outside, M, ob, df, convention), ref)
     inside = A.clone()
-    inside[0, 0, 0, 1] = 0.25
+    inside[0, 0, 0, 1] = 0.1
     assert da_loss_at(inside, M, ob, df, convention) < ref
 
 
