@@ -24,7 +24,7 @@ from tqdm.auto import tqdm
 
 from core.data import DatasetError, Sample, load_from_config, read_image, read_mask, split_from_config
 from core.data.torch_dataset import PairedTransform, to_tensor
-from core.diffusion import AttentionStore, attention_control, capture_outputs, cfg_eps, sample
+from core.diffusion import AttentionStore, attention_control, capture_outputs, cfg_eps, img2img_start, sample
 from core.export import GeneratedWriter
 from core.io import torch_save, write_json
 from core.models import SDComponents, load_diffusers_dir, load_model
@@ -435,12 +435,15 @@ def start_signal(gcfg: DictConfig | dict) -> float:
 @torch.no_grad()
 def sample_with_masks(comp: SDComponents, scheduler, z_T: torch.Tensor, cond: torch.Tensor, uncond: torch.Tensor,
                       guidance: float, num_steps: int, rmp: RefinedMaskPrediction | None = None,
-                      mask_steps: int = 3, progress: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+                      mask_steps: int = 3, progress: bool = False, timesteps: torch.Tensor | None = None
+                      ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Sec. 3.4: denoise ``z_T`` with CFG over the full ``num_steps`` schedule; with ``rmp``, the anomaly probability
     of each of the last ``mask_steps`` steps (conditional-branch U-Net features of the step, VAE features of its
-    output x_{t-1}), averaged. Returns images (B, 3, S, S) in [0, 1] and probabilities (B, S, S) or None."""
+    output x_{t-1}), averaged. ``timesteps``: a tail of the schedule (an img2img start); default the full schedule.
+    Returns images (B, 3, S, S) in [0, 1] and probabilities (B, S, S) or None."""
     scheduler.set_timesteps(num_steps)
-    n = len(scheduler.timesteps)
+    timesteps = scheduler.timesteps if timesteps is None else timesteps
+    n = len(timesteps)
     first_masked = n - mask_steps
     names_u, names_v = (rmp.feature_names(comp.unet, comp.vae) if rmp is not None else ([], []))
     state: dict = {"capture": False, "feats": None, "probs": []}
@@ -468,7 +471,7 @@ def sample_with_masks(comp: SDComponents, scheduler, z_T: torch.Tensor, cond: to
             decode(step.latents)
         state["capture"] = rmp is not None and step.index >= first_masked
 
-    z = sample(eps_fn, scheduler, z_T, callback=callback, progress=progress, desc="SeaS sampling")
+    z = sample(eps_fn, scheduler, z_T, timesteps, callback=callback, progress=progress, desc="SeaS sampling")
     images = decode(z) if rmp is not None else comp.decode_latents(z)
     probs = torch.stack(state["probs"]).mean(0) if state["probs"] else None
     return images, probs
@@ -477,15 +480,18 @@ def sample_with_masks(comp: SDComponents, scheduler, z_T: torch.Tensor, cond: to
 def item_generator(seed: int, anomaly_type: str | None, index: int) -> torch.Generator:
     """Per-item randomness (source normal image, start noise): an item's result does not depend on batching or on
     which items a resumed run still has to make."""
-    key = f"{seed}/{anomaly_type or 'good'}/{index}"
-    return torch.Generator().manual_seed(int.from_bytes(key.encode(), "little") % (2 ** 63 - 1))
+    import hashlib
+
+    key = f"{seed}/{anomaly_type or 'good'}/{index}".encode()
+    return torch.Generator().manual_seed(int.from_bytes(hashlib.sha256(key).digest()[:7], "little"))
 
 
 def generation_config(cfg: DictConfig) -> dict:
     g = cfg.method.generate
     return {"method": "seas", "product": str(cfg.product), "seed": int(cfg.seed),
-            "generate": {k: g[k] for k in ("num_inference_steps", "sampler", "guidance", "start_signal", "start_noise",
-                                           "mask_steps", "mask_threshold", "negative_prompt")},
+            "generate": {k: g.get(k) for k in ("num_inference_steps", "sampler", "guidance", "start_signal",
+                                               "start_noise", "start_strength", "mask_steps", "mask_threshold",
+                                               "negative_prompt")},
             "steps_cap": (cfg.get("limits") or {}).get("num_inference_steps")}
 
 
@@ -538,12 +544,17 @@ def generate(cfg: DictConfig, checkpoint: Path | None, out_dir: Path) -> Path:
                 src_cache[j] = resize.resize(to_tensor(read_image(sources[j])), False)
         with torch.no_grad():
             z0 = comp.encode_images(torch.stack([src_cache[j] for j in src_idx]).to(device))
-        z_T = signal * z0 + noise_scale * torch.stack(noises).to(device)
+        noise = torch.stack(noises).to(device)
+        timesteps = None
+        if g.get("start_strength") is not None:  # img2img: noise to t = strength * T on the schedule, run the rest
+            z_T, timesteps = img2img_start(scheduler, z0, steps, noise, strength=float(g.start_strength))
+        else:  # the official start: signal * z_0 + noise, then the full schedule
+            z_T = signal * z0 + noise_scale * noise
         cond = torch.cat([cond_cache[ty] for ty, _ in b])
         uncond = uncond1.expand(len(b), -1, -1)
         is_anomaly = b[0][0] is not None
         images, probs = sample_with_masks(comp, scheduler, z_T, cond, uncond, float(g.guidance), steps,
-                                          rmp if is_anomaly else None, int(g.mask_steps))
+                                          rmp if is_anomaly else None, int(g.mask_steps), timesteps=timesteps)
         images = (images.permute(0, 2, 3, 1).cpu().numpy() * 255).round().astype(np.uint8)
         for k, (ty, i) in enumerate(b):
             source = {"source": sources[src_idx[k]]}

@@ -347,3 +347,10 @@ def test_train_and_generate_write_a_reloadable_mvtec_tree_with_binary_masks(worl
     generate(gcfg, out, overrides=["n_per_type=3"])
     assert {p: p.stat().st_mtime_ns for p in out.rglob("*.png")} == before
     assert len((out / "manifest.jsonl").read_text().splitlines()) == len(lines)
+
+
+def test_item_randomness_differs_per_item_and_repeats_per_item():
+    # torch's CPU generator keeps only the low 32 bits of a seed: keys must differ there
+    draws = [torch.randn(4, generator=M.item_generator(0, ty, i)) for ty in (None, "crack") for i in range(5)]
+    assert len({tuple(d.tolist()) for d in draws}) == len(draws)
+    torch.testing.assert_close(torch.randn(4, generator=M.item_generator(0, "crack", 3)), draws[8])
