@@ -32,6 +32,14 @@ from seas.method import (Batch, SeaSTrainer, build_prompt, build_rmp, make_sched
 METHOD = OmegaConf.load("configs/method/seas.yaml").method
 
 
+def method_config(experiment: str | None):
+    """The method node, with an experiment file's ``method`` overrides (e.g. the mini prior's RMP widths)."""
+    if not experiment:
+        return METHOD
+    over = OmegaConf.load(f"configs/experiment/{experiment}.yaml").get("method", {})
+    return OmegaConf.merge(METHOD, over)
+
+
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize()
@@ -56,9 +64,9 @@ def components(name: str, device: torch.device, dtype: torch.dtype | None):
     return comp.to(device, dtype)
 
 
-def bench_training(name: str, repeats: int, device: torch.device) -> dict:
+def bench_training(name: str, repeats: int, device: torch.device, method=METHOD) -> dict:
     comp = components(name, device, None)
-    prompt = build_prompt(["crack", "stain"], comp, METHOD.prompt)
+    prompt = build_prompt(["crack", "stain"], comp, method.prompt)
     S = comp.resolution
     g = torch.Generator().manual_seed(0)
     images = torch.rand(4, 3, S, S, generator=g)
@@ -68,7 +76,7 @@ def bench_training(name: str, repeats: int, device: torch.device) -> dict:
     T = comp.scheduler.config.num_train_timesteps
     t = torch.randint(0, T, (4,), generator=g)
     eps = torch.randn(4, 4, comp.latent_size, comp.latent_size, generator=g)
-    trainer = SeaSTrainer(comp, prompt, METHOD.train)
+    trainer = SeaSTrainer(comp, prompt, method.train)
     plain_opt = torch.optim.AdamW(comp.unet.parameters(), lr=1e-9)
 
     def plain_step():
@@ -87,18 +95,19 @@ def bench_training(name: str, repeats: int, device: torch.device) -> dict:
 
 
 @torch.no_grad()
-def bench_generation(name: str, repeats: int, device: torch.device, dtype: torch.dtype | None) -> dict:
+def bench_generation(name: str, repeats: int, device: torch.device, dtype: torch.dtype | None, method=METHOD,
+                     batch: int = 1) -> dict:
     comp = components(name, device, dtype)
     comp.unet.eval(), comp.vae.eval()
-    rmp, _ = build_rmp(comp, METHOD.rmp)
+    rmp, _ = build_rmp(comp, method.rmp)
     rmp = rmp.to(device, dtype or torch.float32).eval()
-    steps, guidance = int(METHOD.generate.num_inference_steps), float(METHOD.generate.guidance)
+    steps, guidance = int(method.generate.num_inference_steps), float(method.generate.guidance)
     sched = make_scheduler(comp, "dpmsolver++")
     g = torch.Generator().manual_seed(0)
-    z0 = torch.randn(1, 4, comp.latent_size, comp.latent_size, generator=g).to(device, dtype or torch.float32)
-    z_T = start_signal(METHOD.generate) * z0 + torch.randn(z0.shape, generator=g).to(z0)
-    cond = comp.encode_prompt(["a photo of a bottle"])
-    uncond = comp.encode_prompt([""])
+    z0 = torch.randn(batch, 4, comp.latent_size, comp.latent_size, generator=g).to(device, dtype or torch.float32)
+    z_T = start_signal(method.generate) * z0 + torch.randn(z0.shape, generator=g).to(z0)
+    cond = comp.encode_prompt(["a photo of a bottle"] * batch)
+    uncond = comp.encode_prompt([""] * batch)
 
     def floor(decodes: int):
         sched.set_timesteps(steps)
@@ -114,7 +123,9 @@ def bench_generation(name: str, repeats: int, device: torch.device, dtype: torch
                  "SeaS image + mask": lambda: sample_with_masks(comp, sched, z_T, cond, uncond, guidance, steps, rmp,
                                                                 3)},
                 repeats, device)
-    return {"median_s": med, "ratio": med["SeaS image + mask"] / med["floor: 25 CFG calls + 3 decodes"],
+    per_image = {k: v / batch for k, v in med.items()}
+    return {"batch": batch, "median_s": med, "per_image_s": per_image,
+            "ratio": med["SeaS image + mask"] / med["floor: 25 CFG calls + 3 decodes"],
             "ratio_vs_single_decode_floor": med["SeaS image + mask"] / med["floor: 25 CFG calls + 1 decode"]}
 
 
@@ -124,23 +135,28 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=7)
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--dtype", default=None, choices=[None, "bfloat16", "float16"], help="generation dtype")
+    ap.add_argument("--experiment", default="auto",
+                    help="method overrides from configs/experiment/<name>.yaml; auto: seas_synthetic for mini")
+    ap.add_argument("--gen-batch", type=int, default=1, help="images per sampling call")
     ap.add_argument("--skip", nargs="*", default=[], choices=["training", "generation"])
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
     device = torch.device(args.device)
     dtype = getattr(torch, args.dtype) if args.dtype else None
-    result = {"model": args.model, "device": str(device), "threads": torch.get_num_threads(),
+    experiment = ("seas_synthetic" if args.model == "mini" else None) if args.experiment == "auto" else args.experiment
+    method = method_config(experiment)
+    result = {"model": args.model, "experiment": experiment, "device": str(device), "threads": torch.get_num_threads(),
               "torch": torch.__version__, "repeats": args.repeats}
-    print(f"SeaS speed, model {args.model}, {device}, {torch.get_num_threads()} threads, torch {torch.__version__}")
+    print(f"SeaS speed, model {args.model} (method overrides: {experiment or 'none'}), {device}, {torch.get_num_threads()} threads, torch {torch.__version__}")
     if "training" not in args.skip:
-        result["training"] = tr = bench_training(args.model, args.repeats, device)
+        result["training"] = tr = bench_training(args.model, args.repeats, device, method)
         for k, v in tr["median_s"].items():
             print(f"  {k:34} {v:8.4f} s")
         print(f"  SeaS / plain training step          {tr['ratio']:8.3f}x   (target <= 1.25x)")
     if "generation" not in args.skip:
-        result["generation"] = ge = bench_generation(args.model, args.repeats, device, dtype)
-        for k, v in ge["median_s"].items():
-            print(f"  {k:34} {v:8.4f} s")
+        result["generation"] = ge = bench_generation(args.model, args.repeats, device, dtype, method, args.gen_batch)
+        for k, v in ge["per_image_s"].items():
+            print(f"  {k:34} {v:8.4f} s per image (batch {args.gen_batch})")
         print(f"  SeaS / floor (25 calls + 3 decodes) {ge['ratio']:8.3f}x   (target <= 1.15x)")
         print(f"  SeaS / floor (25 calls + 1 decode)  {ge['ratio_vs_single_decode_floor']:8.3f}x")
     if args.out:

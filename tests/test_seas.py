@@ -354,3 +354,15 @@ def test_item_randomness_differs_per_item_and_repeats_per_item():
     draws = [torch.randn(4, generator=M.item_generator(0, ty, i)) for ty in (None, "crack") for i in range(5)]
     assert len({tuple(d.tolist()) for d in draws}) == len(draws)
     torch.testing.assert_close(torch.randn(4, generator=M.item_generator(0, "crack", 3)), draws[8])
+
+
+def test_bad_inputs_say_what_to_do(tmp_path, monkeypatch):
+    with pytest.raises(FileNotFoundError, match="no trained SeaS generator"):
+        M.load_generator(tmp_path)
+    with pytest.raises(FileNotFoundError, match="checkpoint=<the run directory"):
+        M.generate(OmegaConf.create({"method": {"generate": {}}, "device": "cpu"}), None, tmp_path / "out")
+    monkeypatch.setitem(__import__("sys").modules, "bitsandbytes", None)  # not installed
+    with pytest.raises(ImportError, match="pip install bitsandbytes"):
+        M.make_optimizer([{"params": [torch.nn.Parameter(torch.zeros(1))]}], "adamw8bit", 0.0)
+    with pytest.raises(ValueError, match="adamw or adamw8bit"):
+        M.make_optimizer([{"params": [torch.nn.Parameter(torch.zeros(1))]}], "sgd", 0.0)
