@@ -74,7 +74,8 @@ def load_images(anomalies: Sequence[Sample], normals: Sequence[Sample], size: in
                      .float())
     norm = [resize.resize(to_tensor(read_image(s.path)), False) for s in normals]
     return TrainingImages(torch.stack(imgs), torch.stack(masks), [s.anomaly_type for s in anomalies],
-                          torch.stack(norm), [s.path for s in anomalies], [s.path for s in normals])
+                          torch.stack(norm), [str(Path(s.path).resolve()) for s in anomalies],
+                          [str(Path(s.path).resolve()) for s in normals])  # absolute: generate may run elsewhere
 
 
 @dataclass
