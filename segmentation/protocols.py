@@ -62,6 +62,8 @@ def resolve_products(cfg: DictConfig, table: Sequence[Sample]) -> list[str]:
 
 def resolve_arms(cfg: DictConfig) -> list[str]:
     arms = list(cfg.arms) if cfg.get("arms") else ["baseline"] + (["generated"] if cfg.get("generated") else [])
+    if cfg.get("generated") and "generated" not in arms:  # a folder given is a folder to evaluate (an experiment's
+        arms.insert(1 if arms[:1] == ["baseline"] else 0, "generated")  # arms list may predate the command line)
     bad = [a for a in arms if a not in ARMS]
     if bad:
         raise ValueError(f"arms={bad}: each arm is one of {', '.join(ARMS)}.")

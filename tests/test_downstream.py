@@ -169,6 +169,14 @@ def test_arm_errors_are_actionable(world):
         protocols.resolve_arms(_compose(["dataset=mvtec_ad", "arms=[oracle]"]))
 
 
+def test_a_generated_folder_always_gets_its_arm():
+    # experiment=downstream_synthetic lists [baseline, oracle]; generated=<dir> on the command line must not be ignored
+    assert protocols.resolve_arms(_compose(["arms=[baseline,oracle]", "generated=/g"])) == ["baseline", "generated",
+                                                                                             "oracle"]
+    assert protocols.resolve_arms(_compose(["generated=/g"])) == ["baseline", "generated"]
+    assert protocols.resolve_arms(_compose([])) == ["baseline"]
+
+
 # ----------------------------------------------------------------------------- tables
 
 
