@@ -20,13 +20,14 @@ from typing import Callable, Sequence
 import numpy as np
 import torch
 from omegaconf import DictConfig, OmegaConf
+from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
 from core.data import DatasetError, Sample, load_from_config, read_image, read_mask, split_from_config
 from core.data.torch_dataset import PairedTransform, to_tensor
 from core.diffusion import AttentionStore, attention_control, capture_outputs, cfg_eps, img2img_start, sample
 from core.export import GeneratedWriter
-from core.io import torch_save, write_json
+from core.io import atomic_write, torch_save, write_json
 from core.models import SDComponents, load_diffusers_dir, load_model
 from core.runs import resolve_device
 
@@ -330,9 +331,6 @@ def train_rmp(cfg: DictConfig, run_dir: Path, comp: SDComponents, data: Training
         if on_step is not None:
             on_step(done)
     rmp.eval()
-    from safetensors.torch import save_file
-
-    from core.io import atomic_write
     atomic_write(run_dir / "rmp.safetensors", lambda p: save_file({k: v.contiguous().cpu()
                                                                     for k, v in rmp.state_dict().items()}, str(p)))
     write_json(run_dir / "rmp.json", {**{k: list(v) if isinstance(v, tuple) else v for k, v in kw.items()},
@@ -399,8 +397,6 @@ def load_generator(run_dir: Path, device: torch.device | str = "cpu") -> tuple[S
 
 
 def load_rmp(run_dir: Path, comp: SDComponents) -> RefinedMaskPrediction:
-    from safetensors.torch import load_file
-
     path = Path(run_dir) / "rmp.safetensors"
     if not path.is_file():
         raise FileNotFoundError(f"{path} is missing: the mask branch was not trained. Fix: rerun scripts/train.py "
@@ -523,11 +519,10 @@ def generate(cfg: DictConfig, checkpoint: Path | None, out_dir: Path) -> Path:
     items = [(ty, i) for ty in prompt.types for i in range(n)] + [(None, i) for i in range(n_normals)]
     todo = [it for it in items if not writer.is_done(*it)]
     bs = int(g.batch_size)
-    batches = [todo[i:i + bs] for i in range(0, len(todo), bs)]
     # anomalies and normals are never mixed in a batch: only anomalies need the mask branch
-    batches = [[it for it in b if it[0] is not None] for b in batches] + [[it for it in b if it[0] is None]
-                                                                        for b in batches]
-    batches = [b for b in batches if b]
+    batches = [group[i:i + bs] for group in ([it for it in todo if it[0] is not None],
+                                             [it for it in todo if it[0] is None])
+               for i in range(0, len(group), bs)]
     resize = PairedTransform(size=comp.resolution)
     src_cache: dict[int, torch.Tensor] = {}
     with torch.no_grad():
