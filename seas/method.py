@@ -19,13 +19,15 @@ from typing import Callable, Sequence
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from omegaconf import DictConfig, OmegaConf
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
 from core.data import DatasetError, Sample, load_from_config, read_image, read_mask, split_from_config
 from core.data.torch_dataset import PairedTransform, to_tensor
-from core.diffusion import AttentionStore, attention_control, capture_outputs, cfg_eps, img2img_start, sample
+from core.diffusion import (AttentionStore, attention_control, capture_outputs, cfg_eps, img2img_start,
+                            inference_scheduler, previous_latent, sample)
 from core.export import GeneratedWriter
 from core.io import atomic_write, torch_save, write_json
 from core.models import SDComponents, load_diffusers_dir, load_model
@@ -43,7 +45,7 @@ class TrainingImages:
     """X_df (anomalies with masks, their types) and X_ob (normals) of one product, as tensors at the model's size."""
 
     anomalies: torch.Tensor      # (H, 3, S, S) in [0, 1]
-    masks: torch.Tensor          # (H, 1, S, S) in {0, 1}
+    masks: torch.Tensor          # (H, 1, S, S) in [0, 1] (soft edges under the official preprocessing)
     types: list[str]             # type of each anomaly
     normals: torch.Tensor        # (P, 3, S, S)
     anomaly_paths: list[str]
@@ -65,15 +67,46 @@ def training_samples(cfg: DictConfig, product: str) -> tuple[list[Sample], list[
     return anomalies, normals
 
 
-def load_images(anomalies: Sequence[Sample], normals: Sequence[Sample], size: int) -> TrainingImages:
+def resize_short_side_crop(x: torch.Tensor, size: int) -> torch.Tensor:
+    """(C, H, W) in [0, 1] -> (C, size, size): the short side resized to ``size`` (bilinear with antialiasing, as
+    PIL's), the long side to int(size * long / short), then a centre crop; rounded to 8 bits as a PIL image is."""
+    h, w = x.shape[-2:]
+    new = (size, int(size * w / h)) if h <= w else (int(size * h / w), size)
+    if new != (h, w):
+        x = F.interpolate(x[None].float(), size=new, mode="bilinear", antialias=True, align_corners=False)[0]
+    top, left = int(round((new[0] - size) / 2)), int(round((new[1] - size) / 2))
+    x = x[..., top:top + size, left:left + size]
+    return (x.clamp(0, 1) * 255).round() / 255
+
+
+def preprocess(image: np.ndarray, mask: np.ndarray | None, size: int, mode: str = "official"
+               ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """An (H, W, 3) uint8 image and its (H, W) mask -> tensors at ``size`` x ``size``.
+
+    official: short side to ``size`` and a centre crop for image and mask alike, the mask resized bilinearly and
+        kept soft (the DA loss reads the soft edge; the RMP targets keep only exact 1s);
+    squash: both sides to ``size`` (the aspect ratio is lost), the mask nearest-neighbour and binary.
+    """
+    x = to_tensor(image)
+    if mode == "official":
+        m = None if mask is None else resize_short_side_crop(torch.from_numpy(mask)[None].float(), size)
+        return resize_short_side_crop(x, size), m
+    if mode != "squash":
+        raise ValueError(f"method.train.preprocess must be 'official' or 'squash', got '{mode}'.")
     resize = PairedTransform(size=size)
+    m = None if mask is None else (resize.resize(torch.from_numpy(mask)[None].float(), True) > 0.5).float()
+    return resize.resize(x, False), m
+
+
+def load_images(anomalies: Sequence[Sample], normals: Sequence[Sample], size: int,
+                mode: str = "official") -> TrainingImages:
     imgs, masks = [], []
     for s in anomalies:
         x = read_image(s.path)
-        imgs.append(resize.resize(to_tensor(x), False))
-        masks.append((resize.resize(torch.from_numpy(read_mask(s.mask_paths, x.shape[:2]))[None].float(), True) > 0.5)
-                     .float())
-    norm = [resize.resize(to_tensor(read_image(s.path)), False) for s in normals]
+        img, m = preprocess(x, read_mask(s.mask_paths, x.shape[:2]), size, mode)
+        imgs.append(img)
+        masks.append(m)
+    norm = [preprocess(read_image(s.path), None, size, mode)[0] for s in normals]
     return TrainingImages(torch.stack(imgs), torch.stack(masks), [s.anomaly_type for s in anomalies],
                           torch.stack(norm), [str(Path(s.path).resolve()) for s in anomalies],
                           [str(Path(s.path).resolve()) for s in normals])  # absolute: generate may run elsewhere
@@ -141,6 +174,18 @@ def total_steps(stage_cfg: DictConfig, n_types: int, limits: DictConfig | None) 
     return int(min(steps, cap) if cap else steps)
 
 
+def accumulate_gradients(loss_fn: Callable, items: Sequence) -> list:
+    """Gradient accumulation: backward of loss_fn(item) / len(items) for each item, so the accumulated gradient is that
+    of the mean loss (what accelerate's ``accumulate`` + ``backward`` do in the official code). Returns the losses
+    (a :class:`seas.model.SeaSLoss` counts by its ``total``)."""
+    losses = []
+    for item in items:
+        loss = loss_fn(item)
+        ((loss.total if isinstance(loss, SeaSLoss) else loss) / len(items)).backward()
+        losses.append(loss)
+    return losses
+
+
 class SeaSTrainer:
     """One optimizer update of Eq. 6 on a mixed batch; the pieces ``train_generator`` and the benchmark share."""
 
@@ -182,19 +227,21 @@ class SeaSTrainer:
         with attention_control(comp.unet, [n for v in self.layers.values() for n in v], store=self.store):
             eps_pred = comp.unet(z_t, t.to(dev), encoder_hidden_states=e).sample
         da = da_loss(self.store, self.layers, batch.masks.to(dev), ob, df, comp.latent_size, self.convention,
-                     str(self.cfg.da_normal_region), n=batch.n_anomaly)
+                     str(self.cfg.da_normal_region), n=batch.n_anomaly,
+                     normal_target=str(self.cfg.get("da_normal_target", "one_minus_m")))
         self.store.reset()
         return seas_loss(eps_pred, eps.to(dev), batch.n_anomaly, da, float(self.cfg.da_weight))
+
+    def backward(self, batches: Sequence[tuple[Batch, torch.Tensor, torch.Tensor]]) -> dict[str, float]:
+        """Gradients of the mean of Eq. 6 over ``batches`` (gradient accumulation); returns the mean terms."""
+        terms = accumulate_gradients(lambda item: self.loss(*item), batches)
+        return {k: sum(float(getattr(t, a).detach()) for t in terms) / len(terms)
+                for k, a in (("loss", "total"), ("sd", "sd"), ("na", "na"), ("da", "da"))}
 
     def step(self, batches: Sequence[tuple[Batch, torch.Tensor, torch.Tensor]]) -> dict[str, float]:
         """One optimizer update over ``batches`` (gradient accumulation)."""
         self.optimizer.zero_grad(set_to_none=True)
-        logs = {"loss": 0.0, "sd": 0.0, "na": 0.0, "da": 0.0}
-        for b, t, eps in batches:
-            terms = self.loss(b, t, eps)
-            (terms.total / len(batches)).backward()
-            for k, v in (("loss", terms.total), ("sd", terms.sd), ("na", terms.na), ("da", terms.da)):
-                logs[k] += float(v.detach()) / len(batches)
+        logs = self.backward(batches)
         if self.row_mask is not None and self.table.grad is not None:
             self.table.grad.mul_(self.row_mask)
         self.optimizer.step()
@@ -263,32 +310,62 @@ def train_generator(cfg: DictConfig, run_dir: Path, comp: SDComponents, data: Tr
 
 # ------------------------------------------------------------------------------------------------------ RMP
 def build_rmp(comp: SDComponents, rcfg: DictConfig | dict) -> tuple[RefinedMaskPrediction, dict]:
-    kw = dict(coarse_channels=tuple(rcfg["coarse_channels"]), mrm_channels=tuple(rcfg["mrm_channels"]),
-              transformer_layers=int(rcfg["transformer_layers"]), heads=int(rcfg["heads"]))
+    kw = dict(coarse_channels=tuple(rcfg["coarse_channels"]), transformer_layers=int(rcfg["transformer_layers"]),
+              heads=int(rcfg["heads"]), norm_groups=int(rcfg.get("norm_groups", 32)))
     return RefinedMaskPrediction.for_models(comp.unet.config, comp.vae.config, **kw), kw
 
 
 def rmp_features(comp: SDComponents, rmp: RefinedMaskPrediction, z_t: torch.Tensor, t: torch.Tensor,
-                 e: torch.Tensor, n_refine: int) -> tuple[list[torch.Tensor], list[torch.Tensor], torch.Tensor]:
-    """U-Net decoder features at (z_t, t) and VAE-decoder features of x_{t-1} after one (DDIM, eta 0) step, for the
-    first ``n_refine`` rows (A.5: "the VAE features come from decoding x_{t-1}"). Generator frozen, no grad."""
+                 e: torch.Tensor, n_refine: int, prev_step: str = "ddpm", noise: torch.Tensor | None = None
+                 ) -> tuple[list[torch.Tensor], list[torch.Tensor], torch.Tensor]:
+    """U-Net decoder features at (z_t, t) and VAE-decoder features of x_{t-1} for the first ``n_refine`` rows
+    (A.5: "the VAE features come from decoding x_{t-1}"). x_{t-1} is one DDPM step (``prev_step='ddpm'``, a sample of
+    the posterior with variance noise ``noise``, as the official ``DDPMScheduler.step``) or the deterministic DDIM
+    step (``'ddim'``). Generator frozen, no grad. Returns U-Net features, VAE features and the decoded x_{t-1}."""
     names_u, names_v = rmp.feature_names(comp.unet, comp.vae)
     with torch.no_grad(), capture_outputs(comp.unet, names_u) as fu:
         eps = comp.unet(z_t, t, encoder_hidden_states=e).sample
-    abar = comp.scheduler.alphas_cumprod.to(z_t.device, z_t.dtype)
-    a_t = abar[t].view(-1, 1, 1, 1)
-    a_prev = torch.where(t > 0, abar[(t - 1).clamp(min=0)], torch.ones_like(abar[t])).view(-1, 1, 1, 1)
-    x0 = (z_t - (1 - a_t).sqrt() * eps) / a_t.sqrt()
-    z_prev = a_prev.sqrt() * x0 + (1 - a_prev).sqrt() * eps
+    k = slice(0, n_refine)
+    z_prev = previous_latent(comp.scheduler, z_t[k], eps[k], t[k], prev_step, None if noise is None else noise[k])
     with torch.no_grad(), capture_outputs(comp.vae, names_v) as fv:
-        img = comp.decode_latents(z_prev[:n_refine])
+        img = comp.decode_latents(z_prev)
     return [fu[n] for n in names_u], [fv[n] for n in names_v], img
+
+
+def rmp_batch(data: TrainingImages, rcfg: DictConfig, seed: int, index: int, augment: bool, t_range: Sequence[int],
+              latent_shape: tuple[int, ...]) -> tuple[Batch, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The ``index``-th mixed batch of the RMP stage with its timesteps, forward noise and x_{t-1} step noise: a pure
+    function of (seed, index), so that a resumed run sees the same batches."""
+    b = mixed_batch(data, seed + 1, index, int(rcfg.batch_anomaly), int(rcfg.batch_normal), augment)
+    g = torch.Generator().manual_seed((seed + 104729) * 1_000_003 + index)
+    n = b.images.shape[0]
+    t = torch.randint(int(t_range[0]), int(t_range[1]), (n,), generator=g)
+    return b, t, torch.randn((n, *latent_shape), generator=g), torch.randn((n, *latent_shape), generator=g)
+
+
+def rmp_batch_loss(comp: SDComponents, rmp: RefinedMaskPrediction, batch: Batch, t: torch.Tensor, eps: torch.Tensor,
+                   step_noise: torch.Tensor, e_cache: dict, rcfg: DictConfig) -> torch.Tensor:
+    """Eq. 7 on one mixed batch: features at a noised z_t, VAE features of x_{t-1} for the anomaly rows, the branch's
+    coarse and refined predictions (the normal rows refined by upsampling), focal loss against the masks / zeros."""
+    dev = comp.device
+    with torch.no_grad():
+        z0 = comp.encode_images(batch.images.to(dev))
+    t = t.to(dev)
+    z_t = comp.scheduler.add_noise(z0, eps.to(dev), t)
+    n = batch.images.shape[0]
+    e = torch.cat([e_cache[ty] for ty in batch.types] + [e_cache[None]] * (n - batch.n_anomaly))
+    fu, fv, _ = rmp_features(comp, rmp, z_t, t, e, batch.n_anomaly, str(rcfg.get("prev_step", "ddpm")),
+                             step_noise.to(dev))
+    coarse, refined = rmp(fu, fv, rest_size=tuple(fv[-1].shape[-2:]))
+    return rmp_loss(coarse, refined, batch.masks.to(dev), float(rcfg.focal_gamma), str(rcfg.get("target", "official")),
+                    bool(rcfg.get("target_normalize", False)))
 
 
 def train_rmp(cfg: DictConfig, run_dir: Path, comp: SDComponents, data: TrainingImages, prompt: UAPrompt,
               on_step: Callable[[int], None] | None = None) -> Path:
     """The RMP branch (Sec. 3.3) on the frozen fine-tuned generator: Eq. 7 with 2 anomaly + 2 normal images per
-    update (normals: all-zero targets, coarse path only), AdamW lr 5e-4, 800 x G updates; resumable."""
+    mini-batch (normals: all-zero targets, upsampled coarse features), gradient accumulation ``grad_accum`` (official
+    2), AdamW lr 5e-4, 800 x G updates; resumable."""
     rcfg, seed = cfg.method.rmp, int(cfg.seed)
     steps = total_steps(rcfg, len(prompt.types), cfg.get("limits"))
     comp.unet.eval(), comp.vae.eval(), comp.text_encoder.eval()
@@ -300,31 +377,19 @@ def train_rmp(cfg: DictConfig, run_dir: Path, comp: SDComponents, data: Training
     opt = torch.optim.AdamW(rmp.parameters(), lr=float(rcfg.lr), weight_decay=float(cfg.method.train.weight_decay))
     state_path = run_dir / STATE
     start = _load_state(state_path, {"rmp": rmp}, opt, "RMP training") if state_path.is_file() else 0
-    t_lo, t_hi = (int(v) for v in rcfg.t_range)
+    accum = int(rcfg.get("grad_accum", 1))
+    latent_shape = (comp.unet.config.in_channels, comp.latent_size, comp.latent_size)
     with torch.no_grad():
         e_cache = {ty: comp.encode_prompt([prompt.prompt(ty)]) for ty in (*prompt.types, None)}
     bar = tqdm(range(start, steps), desc=f"SeaS mask branch ({cfg.product})", initial=start, total=steps)
     for step in bar:
-        b = mixed_batch(data, seed + 1, step, int(rcfg.batch_anomaly), int(rcfg.batch_normal),
-                        bool(cfg.method.train.augment))
-        dev = comp.device
-        g = torch.Generator().manual_seed((seed + 104729) * 1_000_003 + step)
-        n = b.images.shape[0]
-        t = torch.randint(t_lo, t_hi, (n,), generator=g).to(dev)
-        with torch.no_grad():
-            z0 = comp.encode_images(b.images.to(dev))
-        eps = torch.randn(z0.shape, generator=g).to(dev)
-        z_t = comp.scheduler.add_noise(z0, eps, t)
-        e = torch.cat([e_cache[ty] for ty in b.types] + [e_cache[None]] * (n - b.n_anomaly))
-        fu, fv, _ = rmp_features(comp, rmp, z_t, t, e, b.n_anomaly)
-        coarse, refined_df = rmp(fu, fv)  # refined for the anomaly rows only (the VAE features are theirs)
-        coarse_df, coarse_ob = coarse[:b.n_anomaly], coarse[b.n_anomaly:]
-        loss = rmp_loss(coarse_df, refined_df, b.masks.to(dev), coarse_ob, tuple(b.images.shape[-2:]),
-                        float(rcfg.focal_gamma))
+        items = [rmp_batch(data, rcfg, seed, step * accum + a, bool(cfg.method.train.augment), rcfg.t_range,
+                           latent_shape) for a in range(accum)]
         opt.zero_grad(set_to_none=True)
-        loss.backward()
+        losses = accumulate_gradients(lambda it: rmp_batch_loss(comp, rmp, *it, e_cache, rcfg), items)
         opt.step()
-        bar.set_postfix(loss=f"{float(loss.detach()):.4f}")
+        loss = sum(float(x.detach()) for x in losses) / len(losses)
+        bar.set_postfix(loss=f"{loss:.4f}")
         done = step + 1
         if done % int(rcfg.checkpoint_every) == 0 and done < steps:
             torch_save({"rmp": rmp.state_dict(), "optimizer": opt.state_dict(), "step": done}, state_path)
@@ -353,7 +418,7 @@ def train(cfg: DictConfig, run_dir: Path) -> Path:
     gen_dir = run_dir / "generator"
     if "generator" in stages and not (gen_dir / "model_index.json").is_file():
         comp = load_model(cfg.model).to(device)
-        data = load_images(anomalies, normals, comp.resolution)
+        data = load_images(anomalies, normals, comp.resolution, str(cfg.method.train.get("preprocess", "official")))
         prompt = build_prompt(sorted({s.anomaly_type for s in anomalies}), comp, cfg.method.get("prompt"))
         write_json(run_dir / "seas.json", {"product": product, "prompt": prompt.to_dict(),
                                            "train_anomalies": data.anomaly_paths, "train_normals": data.normal_paths,
@@ -364,7 +429,7 @@ def train(cfg: DictConfig, run_dir: Path) -> Path:
         del comp
     if "rmp" in stages and not (run_dir / "rmp.safetensors").is_file():
         comp, prompt = load_generator(run_dir, device)
-        data = load_images(anomalies, normals, comp.resolution)
+        data = load_images(anomalies, normals, comp.resolution, str(cfg.method.train.get("preprocess", "official")))
         t0 = time.time()
         train_rmp(cfg, run_dir, comp, data, prompt)
         _log_time(run_dir, "rmp", time.time() - t0)
@@ -403,6 +468,10 @@ def load_rmp(run_dir: Path, comp: SDComponents) -> RefinedMaskPrediction:
                                 f"with hydra.run.dir={run_dir} (it trains only what is missing).")
     kw = json.loads((Path(run_dir) / "rmp.json").read_text())
     kw.pop("steps", None)
+    if "mrm_channels" in kw:
+        raise ValueError(f"{path} holds the mask branch of an earlier toolkit version (MRM widths {kw['mrm_channels']}); "
+                         f"the branch is now built as the official code builds it. Fix: delete {path} and rerun "
+                         f"scripts/train.py with hydra.run.dir={run_dir} (it retrains only the mask branch).")
     rmp = RefinedMaskPrediction.for_models(comp.unet.config, comp.vae.config,
                                            **{k: tuple(v) if isinstance(v, list) else v for k, v in kw.items()})
     rmp.load_state_dict(load_file(str(path)))
@@ -410,16 +479,13 @@ def load_rmp(run_dir: Path, comp: SDComponents) -> RefinedMaskPrediction:
 
 
 # ------------------------------------------------------------------------------------------------- generate
-def make_scheduler(comp: SDComponents, kind: str):
-    """The inference sampler: DPM-Solver++ (2nd order multistep), the official one, or DDIM."""
-    from diffusers import DDIMScheduler, DPMSolverMultistepScheduler
-
-    if kind == "dpmsolver++":
-        return DPMSolverMultistepScheduler.from_config(comp.scheduler.config, algorithm_type="dpmsolver++",
-                                                       solver_order=2)
-    if kind == "ddim":
-        return DDIMScheduler.from_config(comp.scheduler.config)
-    raise ValueError(f"Unknown method.generate.sampler '{kind}'. Use dpmsolver++ or ddim.")
+def make_scheduler(comp: SDComponents, kind: str, timestep_spacing: str = "linspace"):
+    """The inference sampler on the generator's training schedule: DPM-Solver++ (2nd order multistep, the official
+    one) or DDIM. ``linspace`` spacing is what the official code gets from SD v1-4's scheduler file (25 steps: 999,
+    959, ..., 40); it is set explicitly, so a generator reloaded from its saved DDPM config samples the same."""
+    if kind not in ("dpmsolver++", "ddim"):
+        raise ValueError(f"Unknown method.generate.sampler '{kind}'. Use dpmsolver++ or ddim.")
+    return inference_scheduler(comp.scheduler.config, kind, timestep_spacing)
 
 
 def start_signal(gcfg: DictConfig | dict) -> float:
@@ -432,46 +498,65 @@ def start_signal(gcfg: DictConfig | dict) -> float:
 @torch.no_grad()
 def sample_with_masks(comp: SDComponents, scheduler, z_T: torch.Tensor, cond: torch.Tensor, uncond: torch.Tensor,
                       guidance: float, num_steps: int, rmp: RefinedMaskPrediction | None = None,
-                      mask_steps: int = 3, progress: bool = False, timesteps: torch.Tensor | None = None
-                      ) -> tuple[torch.Tensor, torch.Tensor | None]:
+                      mask_steps: int = 3, progress: bool = False, timesteps: torch.Tensor | None = None,
+                      mask_latent: str = "input") -> tuple[torch.Tensor, torch.Tensor | None]:
     """Sec. 3.4: denoise ``z_T`` with CFG over the full ``num_steps`` schedule; with ``rmp``, the anomaly probability
-    of each of the last ``mask_steps`` steps (conditional-branch U-Net features of the step, VAE features of its
-    output x_{t-1}), averaged. ``timesteps``: a tail of the schedule (an img2img start); default the full schedule.
-    Returns images (B, 3, S, S) in [0, 1] and probabilities (B, S, S) or None."""
+    of each of the last ``mask_steps`` steps, averaged: the conditional-branch U-Net features of the step with the VAE
+    features of the step's input latent x_t (``mask_latent='input'``, the official pipeline, which decodes before
+    ``scheduler.step``) or of its output x_{t-1} (``'output'``). ``timesteps``: a tail of the schedule (an img2img
+    start); default the full schedule. Returns images (B, 3, S, S) in [0, 1] and probabilities (B, S, S) or None."""
+    if mask_latent not in ("input", "output"):
+        raise ValueError(f"method.generate.mask_latent must be 'input' or 'output', got '{mask_latent}'.")
     scheduler.set_timesteps(num_steps)
     timesteps = scheduler.timesteps if timesteps is None else timesteps
-    n = len(timesteps)
-    first_masked = n - mask_steps
+    first_masked = len(timesteps) - mask_steps
     names_u, names_v = (rmp.feature_names(comp.unet, comp.vae) if rmp is not None else ([], []))
-    state: dict = {"capture": False, "feats": None, "probs": []}
-    eps_cfg = cfg_eps(comp.unet, cond, uncond, guidance)
     B = z_T.shape[0]
+    eps_cfg = cfg_eps(comp.unet, cond, uncond, guidance)
+    feats: list[list[torch.Tensor]] = []    # per masked step: U-Net features of the conditional branch
+    inputs: list[torch.Tensor] = []         # per masked step: its input latent x_t
+    masked = {"now": False}
 
     def eps_fn(z, t):
-        if not state["capture"]:
+        if not masked["now"]:
             return eps_cfg(z, t)
         with capture_outputs(comp.unet, names_u) as found:
             eps = eps_cfg(z, t)
-        state["feats"] = [found[k][-B:] for k in names_u]  # the conditional half of [uncond; cond]
+        feats.append([found[k][-B:] for k in names_u])  # the conditional half of [uncond; cond]
         return eps
 
-    def decode(z):
-        with capture_outputs(comp.vae, names_v) as fv:
-            img = comp.decode_latents(z)
-        if state["feats"] is not None:
-            _, refined = rmp(state["feats"], [fv[k] for k in names_v])
-            state["probs"].append(anomaly_probability(refined))
-        return img
-
     def callback(step):
-        if rmp is not None and step.index > first_masked:  # latents = output x_{t-1} of the previous (masked) step
-            decode(step.latents)
-        state["capture"] = rmp is not None and step.index >= first_masked
+        masked["now"] = rmp is not None and step.index >= first_masked
+        if masked["now"]:
+            inputs.append(step.latents)
 
     z = sample(eps_fn, scheduler, z_T, timesteps, callback=callback, progress=progress, desc="SeaS sampling")
-    images = decode(z) if rmp is not None else comp.decode_latents(z)
-    probs = torch.stack(state["probs"]).mean(0) if state["probs"] else None
-    return images, probs
+    if rmp is None:
+        return comp.decode_latents(z), None
+    outputs = inputs[1:] + [z]
+    probs, images = [], None
+    for f_u, z_in, z_out in zip(feats, inputs, outputs):
+        z_read = z_in if mask_latent == "input" else z_out
+        with capture_outputs(comp.vae, names_v) as fv:
+            img = comp.decode_latents(z_read)
+        if z_read is z:
+            images = img
+        probs.append(anomaly_probability(rmp(f_u, [fv[k] for k in names_v])[1]))
+    if images is None:
+        images = comp.decode_latents(z)
+    return images, torch.stack(probs).mean(0)
+
+
+def source_index(rule: str, n_sources: int, index: int, gen: torch.Generator, batch: int = 10) -> int:
+    """Which training normal (of X_ob, sorted by name) starts item ``index``: ``random`` (the paper: a random normal
+    image of X_ob per item, drawn from the item's own generator) or ``first_batch`` (the official script: the first
+    ``batch`` images, reused for every batch, so item i starts from image i mod batch)."""
+    drawn = int(torch.randint(n_sources, (1,), generator=gen))  # always drawn: the start noise stream stays the same
+    if rule == "random":
+        return drawn
+    if rule == "first_batch":
+        return index % min(batch, n_sources)
+    raise ValueError(f"method.generate.sources must be 'random' or 'first_batch', got '{rule}'.")
 
 
 def item_generator(seed: int, anomaly_type: str | None, index: int) -> torch.Generator:
@@ -486,9 +571,10 @@ def item_generator(seed: int, anomaly_type: str | None, index: int) -> torch.Gen
 def generation_config(cfg: DictConfig) -> dict:
     g = cfg.method.generate
     return {"method": "seas", "product": str(cfg.product), "seed": int(cfg.seed),
-            "generate": {k: g.get(k) for k in ("num_inference_steps", "sampler", "guidance", "start_signal",
-                                               "start_noise", "start_strength", "mask_steps", "mask_threshold",
-                                               "negative_prompt")},
+            "generate": {k: g.get(k) for k in ("num_inference_steps", "sampler", "timestep_spacing", "guidance",
+                                               "start_signal", "start_noise", "start_strength", "mask_steps",
+                                               "mask_latent", "mask_threshold", "negative_prompt", "sources",
+                                               "source_batch")},
             "steps_cap": (cfg.get("limits") or {}).get("num_inference_steps")}
 
 
@@ -512,7 +598,7 @@ def generate(cfg: DictConfig, checkpoint: Path | None, out_dir: Path) -> Path:
     n_normals = min(n_normals, n) if limits.get("n_per_type") else n_normals
     steps = int(g.num_inference_steps)
     steps = min(steps, int(limits["num_inference_steps"])) if limits.get("num_inference_steps") else steps
-    scheduler = make_scheduler(comp, str(g.sampler))
+    scheduler = make_scheduler(comp, str(g.sampler), str(g.get("timestep_spacing", "linspace")))
     signal, noise_scale = start_signal(g), float(g.start_noise)
     writer = GeneratedWriter(out_dir, str(cfg.product), "seas", generation_config(cfg), str(checkpoint),
                              int(cfg.seed))
@@ -523,7 +609,8 @@ def generate(cfg: DictConfig, checkpoint: Path | None, out_dir: Path) -> Path:
     batches = [group[i:i + bs] for group in ([it for it in todo if it[0] is not None],
                                              [it for it in todo if it[0] is None])
                for i in range(0, len(group), bs)]
-    resize = PairedTransform(size=comp.resolution)
+    sources_rule, source_batch = str(g.get("sources", "random")), int(g.get("source_batch", 10))
+    preprocessing = str(cfg.method.train.get("preprocess", "official"))
     src_cache: dict[int, torch.Tensor] = {}
     with torch.no_grad():
         uncond1 = comp.encode_prompt([str(g.negative_prompt)])
@@ -533,11 +620,11 @@ def generate(cfg: DictConfig, checkpoint: Path | None, out_dir: Path) -> Path:
         src_idx, noises = [], []
         for ty, i in b:
             gen = item_generator(int(cfg.seed), ty, i)
-            src_idx.append(int(torch.randint(len(sources), (1,), generator=gen)))
+            src_idx.append(source_index(sources_rule, len(sources), i, gen, source_batch))
             noises.append(torch.randn(latent_shape, generator=gen))
         for j in src_idx:
             if j not in src_cache:
-                src_cache[j] = resize.resize(to_tensor(read_image(sources[j])), False)
+                src_cache[j] = preprocess(read_image(sources[j]), None, comp.resolution, preprocessing)[0]
         with torch.no_grad():
             z0 = comp.encode_images(torch.stack([src_cache[j] for j in src_idx]).to(device))
         noise = torch.stack(noises).to(device)
@@ -550,7 +637,8 @@ def generate(cfg: DictConfig, checkpoint: Path | None, out_dir: Path) -> Path:
         uncond = uncond1.expand(len(b), -1, -1)
         is_anomaly = b[0][0] is not None
         images, probs = sample_with_masks(comp, scheduler, z_T, cond, uncond, float(g.guidance), steps,
-                                          rmp if is_anomaly else None, int(g.mask_steps), timesteps=timesteps)
+                                          rmp if is_anomaly else None, int(g.mask_steps), timesteps=timesteps,
+                                          mask_latent=str(g.get("mask_latent", "input")))
         images = (images.permute(0, 2, 3, 1).cpu().numpy() * 255).round().astype(np.uint8)
         for k, (ty, i) in enumerate(b):
             source = {"source": sources[src_idx[k]]}
@@ -568,5 +656,6 @@ def generate(cfg: DictConfig, checkpoint: Path | None, out_dir: Path) -> Path:
 
 
 __all__ = ["Batch", "SeaSTrainer", "TrainingImages", "build_prompt", "build_rmp", "generate", "load_generator",
-           "load_images", "load_rmp", "make_scheduler", "mixed_batch", "rmp_features", "sample_with_masks",
+           "load_images", "load_rmp", "make_scheduler", "mixed_batch", "preprocess", "rmp_batch", "rmp_batch_loss",
+           "rmp_features", "sample_with_masks", "source_index", "accumulate_gradients",
            "train", "train_generator", "train_rmp", "training_samples"]

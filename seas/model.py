@@ -135,8 +135,12 @@ def downsample_mask(mask: torch.Tensor, r: int, convention: Convention, latent_s
     return (F.max_pool2d(m, k) if k > 1 else m)[:, 0]
 
 
+NormalTarget = Literal["one_minus_m", "zero"]
+
+
 def da_loss_at(A: torch.Tensor, M: torch.Tensor, ob_pos: torch.Tensor, df_pos: torch.Tensor,
-               convention: Convention = "paper", normal_region: Literal["eq1", "gt0"] = "eq1") -> torch.Tensor:
+               convention: Convention = "paper", normal_region: Literal["eq1", "gt0"] = "eq1",
+               normal_target: NormalTarget = "one_minus_m") -> torch.Tensor:
     """One resolution's term of Eq. 3: || 1/N sum_n A_df^n - M ||^2 + || A_ob (.) M ||^2.
 
     A: (B, r, r, L) cross-attention averaged over the block's layers and heads; M: (B, r, r) mask at r;
@@ -147,7 +151,9 @@ def da_loss_at(A: torch.Tensor, M: torch.Tensor, ob_pos: torch.Tensor, df_pos: t
     official: A is the spatial softmax (each token's distribution over positions); the normal map and the mean of the
         anomaly maps are each min-max normalised over the whole batch tensor; first term = mean over all cells;
         second = mean of A_ob^2 over the cells where M == 1 (``normal_region='gt0'``: M > 0, the official choice for
-        VisA / MVTec 3D), 0 when there is no such cell (the official code returns NaN there).
+        VisA / MVTec 3D), 0 when there is no such cell (the official code returns NaN there). The target of the normal
+        map there is 1 - M (``normal_target='one_minus_m'``, the official code: 0 where M == 1, the soft complement
+        on the cells that only ``gt0`` adds) or 0 (``'zero'``, Eq. 3's || A_ob (.) M ||).
     """
     B = A.shape[0]
     rows = torch.arange(B, device=A.device)
@@ -161,13 +167,17 @@ def da_loss_at(A: torch.Tensor, M: torch.Tensor, ob_pos: torch.Tensor, df_pos: t
     A_df, A_ob = normalize_minmax(A_df, per_sample=False), normalize_minmax(A_ob, per_sample=False)
     first = ((A_df - M) ** 2).mean()
     region = M == 1 if normal_region == "eq1" else M > 0
-    second = (A_ob[region] ** 2).mean() if region.any() else A_ob.sum() * 0
+    if normal_target not in ("one_minus_m", "zero"):
+        raise ValueError(f"DA normal target must be 'one_minus_m' or 'zero', got '{normal_target}'.")
+    target = (1 - M) if normal_target == "one_minus_m" else torch.zeros_like(M)
+    second = ((A_ob[region] - target[region]) ** 2).mean() if region.any() else A_ob.sum() * 0
     return first + second
 
 
 def da_loss(store: AttentionStore, layers: dict[int, list[str]], mask: torch.Tensor, ob_pos: torch.Tensor,
             df_pos: torch.Tensor, latent_size: int, convention: Convention = "paper",
-            normal_region: Literal["eq1", "gt0"] = "eq1", n: int | None = None) -> torch.Tensor:
+            normal_region: Literal["eq1", "gt0"] = "eq1", n: int | None = None,
+            normal_target: NormalTarget = "one_minus_m") -> torch.Tensor:
     """Eq. 3, L_DA = sum over the resolutions l of :func:`da_loss_at`, from the maps recorded in ``store`` (the
     forward pass that just ran). Only the first ``n`` rows of the batch (the anomaly half) count."""
     n = mask.shape[0] if n is None else n
@@ -175,7 +185,7 @@ def da_loss(store: AttentionStore, layers: dict[int, list[str]], mask: torch.Ten
     for r, names in layers.items():
         A = store.mean_map(names)[:n]                  # (n, r, r, L): mean over the block's layers and heads
         M = downsample_mask(mask[:n], r, convention, latent_size)
-        total = total + da_loss_at(A, M, ob_pos[:n], df_pos[:n], convention, normal_region)
+        total = total + da_loss_at(A, M, ob_pos[:n], df_pos[:n], convention, normal_region, normal_target)
     return total
 
 
@@ -203,88 +213,83 @@ def seas_loss(eps_pred: torch.Tensor, eps: torch.Tensor, n_anomaly: int, da: tor
 
 
 # ------------------------------------------------------------------------- Sec. 3.3: Refined Mask Prediction (RMP)
-def conv_bn_relu(c_in: int, c_out: int, k: int = 3) -> nn.Sequential:
-    return nn.Sequential(nn.Conv2d(c_in, c_out, k, padding=k // 2, bias=False), nn.BatchNorm2d(c_out),
-                         nn.ReLU(inplace=True))
+# Built as the official code builds it (HUST-SLOW/SeaS, models/modules/_RMP.py); the paper's Fig. 4 leaves widths,
+# block internals and the head unstated.
+def conv_bn_relu(c_in: int, c_out: int, k: int = 1) -> nn.Sequential:
+    return nn.Sequential(nn.Conv2d(c_in, c_out, k, padding=k // 2, bias=False), nn.BatchNorm2d(c_out), nn.ReLU())
 
 
-class TransformerLayer(nn.Module):
-    """Pre-norm self-attention + MLP over the positions of a feature map (SDPA, so it also runs on the meta device)."""
-
-    def __init__(self, dim: int, heads: int = 8, mlp_ratio: int = 4):
-        super().__init__()
-        self.heads = heads
-        self.norm1, self.norm2 = nn.LayerNorm(dim), nn.LayerNorm(dim)
-        self.qkv, self.proj = nn.Linear(dim, 3 * dim), nn.Linear(dim, dim)
-        self.mlp = nn.Sequential(nn.Linear(dim, mlp_ratio * dim), nn.GELU(), nn.Linear(mlp_ratio * dim, dim))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, HW, C)
-        B, N, C = x.shape
-        q, k, v = self.qkv(self.norm1(x)).view(B, N, 3, self.heads, C // self.heads).permute(2, 0, 3, 1, 4)
-        a = F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(B, N, C)
-        x = x + self.proj(a)
-        return x + self.mlp(self.norm2(x))
+def bottleneck(c: int) -> nn.Sequential:
+    """1x1 - 3x3 - 1x1, each conv-BN-ReLU, width kept."""
+    return nn.Sequential(conv_bn_relu(c, c, 1), conv_bn_relu(c, c, 3), conv_bn_relu(c, c, 1))
 
 
 class CoarseFeatureExtraction(nn.Module):
-    """F_1 (up_blocks.1 output) and F_2 (up_blocks.2 output) -> 1x1 conv blocks to c_1 / c_2 channels, F_1 upsampled to
-    F_2's size, concatenated, four transformer layers -> F^ (B, c_1 + c_2, h, w), plus the coarse 2-class logits."""
+    """F_1 (up_blocks.1 output) and F_2 (up_blocks.2 output) -> plain 1x1 convs to c_1 / c_2 channels, F_1 upsampled
+    bilinearly to F_2's size, concatenated, four self-attention transformer layers -> F^ (B, c_1 + c_2, h, w).
+
+    The transformer is diffusers' ``Transformer2DModel`` (GroupNorm, 1x1 proj_in / proj_out, pre-norm self-attention
+    + GEGLU blocks, residual), ``heads`` x (dim / heads), as the official code's ``mid_attn_block``."""
 
     def __init__(self, in_channels: tuple[int, int], channels: tuple[int, int] = (128, 64), layers: int = 4,
-                 heads: int = 8):
+                 heads: int = 8, norm_groups: int = 32):
         super().__init__()
-        self.proj1 = conv_bn_relu(in_channels[0], channels[0], 1)
-        self.proj2 = conv_bn_relu(in_channels[1], channels[1], 1)
-        dim = sum(channels)
-        self.blocks = nn.ModuleList(TransformerLayer(dim, heads) for _ in range(layers))
-        self.head = nn.Conv2d(dim, 2, 1)
+        from diffusers.models.transformers.transformer_2d import Transformer2DModel
 
-    def forward(self, f1: torch.Tensor, f2: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        h, w = f2.shape[-2:]
-        x = torch.cat([F.interpolate(self.proj1(f1), size=(h, w), mode="bilinear", align_corners=False),
+        dim = sum(channels)
+        if dim % heads or dim % norm_groups:
+            raise ValueError(f"The RMP transformer width {dim} (coarse_channels {list(channels)}) must be divisible by "
+                             f"heads={heads} and norm_groups={norm_groups}.")
+        self.proj1 = nn.Conv2d(in_channels[0], channels[0], 1, bias=False)
+        self.proj2 = nn.Conv2d(in_channels[1], channels[1], 1, bias=False)
+        self.transformer = Transformer2DModel(num_attention_heads=heads, attention_head_dim=dim // heads,
+                                              in_channels=dim, num_layers=layers, norm_num_groups=norm_groups)
+
+    def forward(self, f1: torch.Tensor, f2: torch.Tensor) -> torch.Tensor:
+        x = torch.cat([F.interpolate(self.proj1(f1), size=f2.shape[-2:], mode="bilinear", align_corners=False),
                        self.proj2(f2)], dim=1)
-        B, C = x.shape[:2]
-        t = x.flatten(2).transpose(1, 2)  # (B, hw, C)
-        for blk in self.blocks:
-            t = blk(t)
-        f_hat = t.transpose(1, 2).reshape(B, C, h, w)
-        return f_hat, self.head(f_hat)
+        return self.transformer(x).sample                                            # F^: (B, c_1 + c_2, h, w)
 
 
 class MaskRefinementModule(nn.Module):
-    """MRM (Fig. 4): upsample the discriminative feature to the VAE feature's size; two chained conv blocks plus a 1x1
-    branch, summed; multiplied element-wise with the (projected) VAE feature; a 3x3 fusion conv; residual."""
+    """MRM (Fig. 4): x = F^ (or the previous MRM's output) upsampled to the VAE feature's size (x2 on SD);
+    a = B_1(x), s = a + P(x) + B_2(a) with B_1, B_2 1x1-3x3-1x1 bottlenecks and P a 1x1 conv block;
+    out = V(f_vae) (.) s + x, V a 1x1 conv-BN-ReLU projection of the VAE feature. Width kept throughout.
 
-    def __init__(self, c_in: int, c_vae: int, c_out: int):
+    (The official module also defines a ninth conv, ``conv6``, that its forward never uses: not built here.)"""
+
+    def __init__(self, c_vae: int, c: int):
         super().__init__()
-        self.chain = nn.Sequential(conv_bn_relu(c_in, c_out), conv_bn_relu(c_out, c_out))
-        self.local = nn.Conv2d(c_in, c_out, 1)
-        self.vae_proj = nn.Conv2d(c_vae, c_out, 1)
-        self.fuse = conv_bn_relu(c_out, c_out)
+        self.chain1, self.chain2 = bottleneck(c), bottleneck(c)
+        self.skip = conv_bn_relu(c, c, 1)
+        self.vae_proj = conv_bn_relu(c_vae, c, 1)
 
     def forward(self, x: torch.Tensor, vae_feat: torch.Tensor) -> torch.Tensor:
-        x = F.interpolate(x, size=vae_feat.shape[-2:], mode="bilinear", align_corners=False)
-        s = self.chain(x) + self.local(x)
-        return self.fuse(s * self.vae_proj(vae_feat)) + s
+        x = F.interpolate(x, size=vae_feat.shape[-2:], mode="bilinear", align_corners=True)
+        a = self.chain1(x)
+        s = a + self.skip(x) + self.chain2(a)
+        return self.vae_proj(vae_feat) * s + x
 
 
 class RefinedMaskPrediction(nn.Module):
-    """The RMP branch: coarse feature extraction on U-Net features, three MRMs on VAE-decoder features, a 3x3 head.
+    """The RMP branch: coarse feature extraction on U-Net features, three MRMs on VAE-decoder features, and one head
+    (BN-ReLU-3x3 conv to 2 classes) shared by the coarse and the refined predictions.
 
     unet_channels: channels of U-Net ``up_blocks.1`` / ``.2`` outputs (SD v1: 1280, 640);
     vae_channels: channels of VAE decoder ``up_blocks.0/1/2`` outputs (SD v1: 512, 512, 256).
+    At SD size (coarse 128 + 64): 5.45 M parameters (the official 6.45 M include 1.00 M in the unused conv6).
     """
 
     def __init__(self, unet_channels: tuple[int, int], vae_channels: Sequence[int],
-                 coarse_channels: tuple[int, int] = (128, 64), mrm_channels: Sequence[int] = (128, 64, 32),
-                 transformer_layers: int = 4, heads: int = 8):
+                 coarse_channels: tuple[int, int] = (128, 64), transformer_layers: int = 4, heads: int = 8,
+                 norm_groups: int = 32):
         super().__init__()
-        if len(vae_channels) != len(mrm_channels):
-            raise ValueError(f"{len(vae_channels)} VAE features but {len(mrm_channels)} MRM widths.")
-        self.coarse = CoarseFeatureExtraction(unet_channels, coarse_channels, transformer_layers, heads)
-        c_in = [sum(coarse_channels), *mrm_channels[:-1]]
-        self.mrms = nn.ModuleList(MaskRefinementModule(a, v, o) for a, v, o in zip(c_in, vae_channels, mrm_channels))
-        self.head = nn.Conv2d(mrm_channels[-1], 2, 3, padding=1)
+        if len(vae_channels) != 3:
+            raise ValueError(f"The RMP branch has 3 MRMs; got {len(vae_channels)} VAE features.")
+        dim = sum(coarse_channels)
+        self.coarse = CoarseFeatureExtraction(unet_channels, coarse_channels, transformer_layers, heads, norm_groups)
+        self.mrms = nn.ModuleList(MaskRefinementModule(v, dim) for v in vae_channels)
+        self.head = nn.Sequential(nn.BatchNorm2d(dim), nn.ReLU(), nn.Conv2d(dim, 2, 3, padding=1))
 
     @staticmethod
     def feature_names(unet: nn.Module, vae: nn.Module) -> tuple[list[str], list[str]]:
@@ -300,39 +305,67 @@ class RefinedMaskPrediction(nn.Module):
             raise ValueError(f"The VAE decoder has {len(v)} up-blocks; the RMP branch needs 3.")
         return cls((u[1], u[2]), v[:3], **kw)
 
-    def forward(self, unet_feats: Sequence[torch.Tensor], vae_feats: Sequence[torch.Tensor] | None = None
-                ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """-> coarse logits (B, 2, h, w) at F_2's size and refined logits (b, 2, H, W) at the last VAE feature's
-        size for the first b rows, b = the VAE features' batch (None without VAE features: the normal-image path of
-        Eq. 7 needs only the coarse prediction). Softmax channel 1 = anomaly."""
-        x, coarse = self.coarse(*unet_feats)
+    def forward(self, unet_feats: Sequence[torch.Tensor], vae_feats: Sequence[torch.Tensor] | None = None,
+                rest_size: tuple[int, int] | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """-> coarse logits (B, 2, h, w) at F_2's size, and refined logits at the last VAE feature's size.
+
+        The first b rows (b = the VAE features' batch) are refined through the MRMs. With ``rest_size``, the other
+        B - b rows (the normal images of Eq. 7, which have no VAE features in training) get F^ upsampled to
+        ``rest_size`` through the same head, and the refined output has all B rows, as the official training does.
+        Softmax channel 1 = anomaly."""
+        f_hat = self.coarse(*unet_feats)
         if vae_feats is None:
-            return coarse, None
-        x = x[:vae_feats[0].shape[0]]
+            return self.head(f_hat), None
+        x = f_hat[:vae_feats[0].shape[0]]
         for mrm, v in zip(self.mrms, vae_feats):
             x = mrm(x, v)
-        return coarse, self.head(x)
+        if rest_size is not None and x.shape[0] < f_hat.shape[0]:
+            rest = F.interpolate(f_hat[x.shape[0]:], size=rest_size, mode="bilinear", align_corners=False)
+            x = torch.cat([x, rest])
+        refined = self.head(x)  # before the coarse call, as the official code: the BN running statistics follow
+        return self.head(f_hat), refined
 
 
-def rmp_loss(coarse_df: torch.Tensor, refined_df: torch.Tensor, mask_df: torch.Tensor,
-             coarse_ob: torch.Tensor | None, size: tuple[int, int], gamma: float = 2.0) -> torch.Tensor:
+TargetRule = Literal["official", "area"]
+
+
+def rmp_targets(mask: torch.Tensor, size: tuple[int, int], rule: TargetRule = "official",
+                normalize: bool = False) -> torch.Tensor:
+    """The class targets (B, h, w) of Eq. 7 from (soft) masks (B, 1, S, S) in [0, 1].
+
+    official: bilinear resampling to ``size`` (identity at the mask's own size), then truncation to an integer:
+        only cells whose value is exactly 1 are anomalous. ``normalize`` (official for VisA / MVTec 3D, whose tiny
+        defects leave no exact 1 after resizing): the masks are divided by their batch maximum before resampling,
+        and the resampled ones by theirs again.
+    area: the area average over each cell > 0.5 (the toolkit's earlier rule: tiny defects vanish at coarse sizes).
+    """
+    m = mask.float()
+    if rule == "area":
+        return (F.interpolate(m, size=size, mode="area") > 0.5)[:, 0].long()
+    if rule != "official":
+        raise ValueError(f"RMP target rule must be 'official' or 'area', got '{rule}'.")
+    if normalize and m.max() > 0:
+        m = m / m.max()
+    r = F.interpolate(m, size=size, mode="bilinear", align_corners=False)
+    if normalize and r.max() > 0:
+        r = r / r.max()
+    return r[:, 0].long()  # truncation toward zero, as the official focal loss's .long()
+
+
+def rmp_loss(coarse: torch.Tensor, refined: torch.Tensor, mask_df: torch.Tensor, gamma: float = 2.0,
+             rule: TargetRule = "official", normalize: bool = False) -> torch.Tensor:
     """Eq. 7: F(M^_df, M_df) + F(M^_ob, 0) + F(M^'_df, M'_df) + F(M^'_ob, 0), F = focal loss (gamma 2).
 
-    coarse_df (Ba, 2, h, w), refined_df (Ba, 2, H, W) logits of the anomaly images, mask_df (Ba, 1, H, W) binary;
-    coarse_ob (Bn, 2, h, w) of the normal images, whose refined prediction M^'_ob is the coarse one upsampled to
-    ``size`` (the paper's normal path). The low-resolution target M_df is the mask area-averaged to h x w and
-    thresholded at 0.5.
+    coarse (B, 2, h, w) and refined (B, 2, H, W) logits of [anomalies; normals] (the normals' refined rows are the
+    upsampled coarse features, :meth:`RefinedMaskPrediction.forward` with ``rest_size``); mask_df (Ba, 1, S, S).
+    As in the official code each of the two focal losses is one mean over the whole [anomalies; normals] batch,
+    i.e. Eq. 7's four terms / 2 when the halves have equal size.
     """
-    h, w = coarse_df.shape[-2:]
-    m_low = (F.adaptive_avg_pool2d(mask_df.float(), (h, w)) > 0.5)[:, 0]
-    m_high = F.interpolate(mask_df.float(), size=refined_df.shape[-2:], mode="nearest")[:, 0] > 0.5
-    loss = focal_loss(coarse_df, m_low, gamma) + focal_loss(refined_df, m_high, gamma)
-    if coarse_ob is not None and coarse_ob.shape[0]:
-        up = F.interpolate(coarse_ob, size=size, mode="bilinear", align_corners=False)
-        zeros_low = coarse_ob.new_zeros(coarse_ob.shape[0], *coarse_ob.shape[-2:], dtype=torch.long)
-        zeros_high = coarse_ob.new_zeros(coarse_ob.shape[0], *size, dtype=torch.long)
-        loss = loss + focal_loss(coarse_ob, zeros_low, gamma) + focal_loss(up, zeros_high, gamma)
-    return loss
+    Ba, B = mask_df.shape[0], coarse.shape[0]
+    zeros = lambda x: x.new_zeros(B - Ba, *x.shape[-2:], dtype=torch.long)  # noqa: E731
+    t_low = torch.cat([rmp_targets(mask_df, tuple(coarse.shape[-2:]), rule, normalize), zeros(coarse)])
+    t_high = torch.cat([rmp_targets(mask_df, tuple(refined.shape[-2:]), rule, normalize), zeros(refined)])
+    return focal_loss(coarse, t_low, gamma) + focal_loss(refined, t_high, gamma)
 
 
 def anomaly_probability(logits: torch.Tensor) -> torch.Tensor:
@@ -353,4 +386,4 @@ def official_start_signal(scaling_factor: float = 0.18215, T: int = 1500, beta_s
 
 __all__ = ["CoarseFeatureExtraction", "MaskRefinementModule", "RefinedMaskPrediction", "SeaSLoss", "UAPrompt",
            "add_ua_tokens", "anomaly_probability", "da_layers", "da_loss", "da_loss_at", "downsample_mask",
-           "official_start_signal", "rmp_loss", "seas_loss", "token_positions"]
+           "official_start_signal", "rmp_loss", "rmp_targets", "seas_loss", "token_positions"]

@@ -194,3 +194,52 @@ def test_feature_hooks_removed_after_error_and_unknown_names_rejected(tiny):
     with pytest.raises(KeyError, match="up_blocks.9"):
         with capture_outputs(tiny.unet, ["up_blocks.9"]):
             pass
+
+
+# ----------------------------------------------------------------------------- inference schedulers, x_{t-1} steps
+def test_inference_scheduler_ignores_the_spacing_a_saved_ddpm_config_carries(tmp_path):
+    from diffusers import DDPMScheduler
+
+    from core.diffusion import inference_scheduler
+
+    DDPMScheduler.from_config(SD_V1_SCHEDULE).save_pretrained(tmp_path)
+    saved = DDPMScheduler.from_pretrained(tmp_path).config
+    assert saved["timestep_spacing"] == "leading" and saved["steps_offset"] == 1  # what a reload hands over
+    sched = inference_scheduler(saved, "dpmsolver++", "linspace")
+    sched.set_timesteps(25)
+    # linspace over [0, 999]: 999, 959, ..., 40 (SD v1-4's DPM-Solver++ schedule); "leading" would give 951, ..., 39
+    expected = [round(999 * i / 25) for i in range(25, 0, -1)]
+    assert sched.timesteps.tolist() == expected and expected[:2] == [999, 959] and expected[-1] == 40
+    assert sched.config.algorithm_type == "dpmsolver++" and sched.config.solver_order == 2
+    lead = inference_scheduler(saved, "dpmsolver++", "leading")
+    lead.set_timesteps(25)
+    assert lead.timesteps.tolist()[:2] == [951, 913]
+    ddim = inference_scheduler(saved, "ddim", "leading")  # SD's DDIM: leading, steps_offset 1 -> 961, ..., 1
+    ddim.set_timesteps(25)
+    assert ddim.timesteps.tolist() == [40 * i + 1 for i in range(24, -1, -1)]
+
+
+def test_previous_latent_ddpm_is_the_posterior_sample_of_diffusers_ddpm_step():
+    from diffusers import DDPMScheduler
+
+    from core.diffusion import previous_latent
+
+    sched = DDPMScheduler.from_config(SD_V1_SCHEDULE)
+    g = torch.Generator().manual_seed(3)
+    z, eps = torch.randn(3, 4, 5, 6, generator=g), torch.randn(3, 4, 5, 6, generator=g)
+    t = torch.tensor([0, 7, 900])  # per-row timesteps, t = 0 adds no noise
+    for i in range(3):
+        noise = torch.randn(1, 4, 5, 6, generator=torch.Generator().manual_seed(10 + i))
+        ref = sched.step(eps[i:i + 1], int(t[i]), z[i:i + 1], generator=torch.Generator().manual_seed(10 + i))
+        got = previous_latent(sched, z[i:i + 1], eps[i:i + 1], t[i:i + 1], "ddpm", noise)
+        torch.testing.assert_close(got, ref.prev_sample, atol=1e-6, rtol=1e-5)
+    # hand-worked at t = 7: mean + sqrt(beta~) noise
+    a = sched.alphas_cumprod
+    beta = 1 - a[7] / a[6]
+    x0 = (z[1] - (1 - a[7]).sqrt() * eps[1]) / a[7].sqrt()
+    mean = a[6].sqrt() * beta / (1 - a[7]) * x0 + (1 - beta).sqrt() * (1 - a[6]) / (1 - a[7]) * z[1]
+    noise = torch.ones(1, 4, 5, 6)
+    torch.testing.assert_close(previous_latent(sched, z[1:2], eps[1:2], t[1:2], "ddpm", noise)[0],
+                               mean + ((1 - a[6]) / (1 - a[7]) * beta).sqrt(), atol=1e-5, rtol=1e-5)
+    ddim = previous_latent(sched, z, eps, t, "ddim")
+    torch.testing.assert_close(ddim[1], a[6].sqrt() * x0 + (1 - a[6]).sqrt() * eps[1], atol=1e-5, rtol=1e-5)

@@ -203,8 +203,8 @@ def test_rmp_shapes_for_sd_v1_features_on_the_meta_device():
 
 def test_rmp_shapes_on_the_mini_prior_features():
     comp = build_random("mini")
-    rmp, _ = M.build_rmp(comp, OmegaConf.merge(METHOD.rmp, {"coarse_channels": [32, 16],
-                                                            "mrm_channels": [32, 16, 8], "heads": 4}))
+    rmp, _ = M.build_rmp(comp, OmegaConf.merge(METHOD.rmp, {"coarse_channels": [32, 16], "heads": 4,
+                                                            "norm_groups": 16}))
     comp.unet.eval(), comp.vae.eval()
     z = torch.randn(3, 4, 32, 32)
     e = torch.randn(3, 32, 128)

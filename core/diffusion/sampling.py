@@ -31,6 +31,38 @@ class StepCallback(Protocol):
     def __call__(self, step: Step) -> torch.Tensor | None: ...
 
 
+# The keys that describe a model's training noise schedule. Everything else in a saved scheduler config belongs to
+# the class that wrote it: a DDPMScheduler saves its own ``timestep_spacing: leading``, which a sampler built from
+# that file with ``from_config`` would silently inherit.
+SCHEDULE_KEYS = ("num_train_timesteps", "beta_start", "beta_end", "beta_schedule", "trained_betas", "prediction_type",
+                 "clip_sample", "set_alpha_to_one", "steps_offset", "rescale_betas_zero_snr")
+SAMPLERS = ("dpmsolver++", "ddim", "ddpm")
+
+
+def inference_scheduler(train_config, kind: str, timestep_spacing: str, **options):
+    """A sampler over a model's training noise schedule, with its timestep spacing set explicitly.
+
+    kind: ``dpmsolver++`` (DPM-Solver++, 2nd-order multistep), ``ddim`` or ``ddpm``; timestep_spacing: ``linspace``
+    (DPM-Solver's own default: SD v1-4's scheduler file leaves it in place, 25 steps run 999, 959, ..., 40),
+    ``leading`` (DDIM / DDPM's default: 961, ..., 1 with ``steps_offset`` 1) or ``trailing``. Only
+    :data:`SCHEDULE_KEYS` are taken from ``train_config``, so a reloaded model samples exactly like a fresh one.
+    """
+    import inspect
+
+    from diffusers import DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler
+
+    classes = {"dpmsolver++": (DPMSolverMultistepScheduler, {"algorithm_type": "dpmsolver++", "solver_order": 2}),
+               "ddim": (DDIMScheduler, {}), "ddpm": (DDPMScheduler, {})}
+    if kind not in classes:
+        raise ValueError(f"Unknown sampler '{kind}'. Use one of: {', '.join(SAMPLERS)}.")
+    if timestep_spacing not in ("linspace", "leading", "trailing"):
+        raise ValueError(f"timestep_spacing must be linspace, leading or trailing, got '{timestep_spacing}'.")
+    cls, fixed = classes[kind]
+    accepted = inspect.signature(cls.__init__).parameters
+    schedule = {k: v for k, v in dict(train_config).items() if k in SCHEDULE_KEYS and k in accepted}
+    return cls(**schedule, **fixed, timestep_spacing=timestep_spacing, **options)
+
+
 def cfg_eps(unet: torch.nn.Module, cond: torch.Tensor, uncond: torch.Tensor | None, scale: float) -> EpsFn:
     """Classifier-free guidance (Ho & Salimans 2022): eps_u + s (eps_c - eps_u), one batched call [uncond; cond].
 
@@ -54,6 +86,35 @@ def noise_to(scheduler, z0: torch.Tensor, t: int, noise: torch.Tensor) -> torch.
     """Forward diffusion q(z_t | z_0) to training timestep ``t``: sqrt(abar_t) z_0 + sqrt(1 - abar_t) eps."""
     abar = scheduler.alphas_cumprod.to(z0.device, z0.dtype)[int(t)]
     return abar.sqrt() * z0 + (1 - abar).sqrt() * noise
+
+
+def previous_latent(scheduler, z_t: torch.Tensor, eps: torch.Tensor, t: torch.Tensor, kind: str = "ddpm",
+                    noise: torch.Tensor | None = None) -> torch.Tensor:
+    """One step z_t -> z_{t-1} on the training schedule, per row (t: (B,) training timesteps).
+
+    ddpm: a sample of the posterior q(z_{t-1} | z_t, z_0 = x0_hat) (Ho et al. 2020, Eq. 6-7, variance beta~_t):
+        mean = sqrt(abar_{t-1}) beta_t / (1 - abar_t) x0_hat + sqrt(alpha_t) (1 - abar_{t-1}) / (1 - abar_t) z_t,
+        z_{t-1} = mean + sqrt(beta~_t) noise, beta~_t = (1 - abar_{t-1}) / (1 - abar_t) beta_t; no noise at t = 0.
+        ``DDPMScheduler.step`` on a scheduler without inference timesteps, with ``noise`` as its variance noise.
+    ddim: the deterministic (eta = 0) step sqrt(abar_{t-1}) x0_hat + sqrt(1 - abar_{t-1}) eps.
+    abar_{-1} = 1.
+    """
+    abar = scheduler.alphas_cumprod.to(z_t.device, torch.float32)
+    t = t.to(z_t.device).long()
+    view = (-1,) + (1,) * (z_t.dim() - 1)
+    a_t = abar[t].view(view)
+    a_prev = torch.where(t > 0, abar[(t - 1).clamp(min=0)], torch.ones_like(abar[t])).view(view)
+    x0 = (z_t - (1 - a_t).sqrt() * eps) / a_t.sqrt()
+    if kind == "ddim":
+        return (a_prev.sqrt() * x0 + (1 - a_prev).sqrt() * eps).to(z_t.dtype)
+    if kind != "ddpm":
+        raise ValueError(f"previous_latent kind must be 'ddpm' or 'ddim', got '{kind}'.")
+    beta = 1 - a_t / a_prev
+    mean = a_prev.sqrt() * beta / (1 - a_t) * x0 + (1 - beta).sqrt() * (1 - a_prev) / (1 - a_t) * z_t
+    var = ((1 - a_prev) / (1 - a_t) * beta).clamp(min=1e-20)
+    if noise is None:
+        noise = torch.randn_like(z_t)
+    return (mean + (t > 0).view(view) * var.sqrt() * noise).to(z_t.dtype)
 
 
 def img2img_timesteps(scheduler, num_inference_steps: int, t_start: int) -> torch.Tensor:

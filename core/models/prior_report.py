@@ -10,11 +10,10 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from diffusers import DDIMScheduler
 
 from ..data.synthetic import BENCHMARK_PRODUCTS, PRODUCTS, render, sample_rng
 from ..data.visualize import labelled_grid
-from ..diffusion import cfg_eps, sample
+from ..diffusion import cfg_eps, inference_scheduler, sample
 from .loading import load_diffusers_dir
 from .pretrain import DEFECT_PHRASES, product_words, vae_reconstruction
 
@@ -58,7 +57,7 @@ def write_report(cfg: dict, out_dir: Path, work_dir: Path) -> dict:
         vals = report[key].values()
         report[key]["mean"] = {"mse": float(np.mean([v["mse"] for v in vals])),
                                "psnr": float(np.mean([v["psnr"] for v in vals]))}
-    sched = DDIMScheduler.from_config(comp.scheduler.config)
+    sched = inference_scheduler(comp.scheduler.config, "ddim", "leading")
     uncond = comp.encode_prompt([""])
     n = int(rcfg["samples_per_prompt"])
     rows = []
