@@ -7,13 +7,15 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 from diffusers import UNet2DConditionModel
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
 import core.data.synthetic as S
-from core.data import load_folder, read_mask, validate_files
-from core.diffusion import AttentionStore, block_resolution
+from core.data import load_folder, read_image, read_mask, validate_files
+from core.export import read_manifest
+from core.diffusion import AttentionStore, block_resolution, capture_outputs
 from core.models import architecture, build_random
 from seas import method as M
 from seas.model import (RefinedMaskPrediction, UAPrompt, add_ua_tokens, da_layers, da_loss, da_loss_at,
@@ -52,7 +54,30 @@ def test_da_loss_official_convention_batch_minmax_hand_worked():
     soft = torch.tensor([[[1.0, 0.5], [0, 0]]])  # "gt0" also counts the soft cell, where the normal map is 0
     first = ((torch.tensor([[1.0, 0], [0, 0.5]]) - soft[0]) ** 2).mean()
     torch.testing.assert_close(da_loss_at(A, soft, ob, df, "official", "eq1"), first + 0.25)
-    torch.testing.assert_close(da_loss_at(A, soft, ob, df, "official", "gt0"), first + 0.125)
+    # gt0, official target 1 - M: cell M = 1 -> (0.5 - 0)^2, soft cell M = 0.5 -> (0 - 0.5)^2; mean 0.25
+    torch.testing.assert_close(da_loss_at(A, soft, ob, df, "official", "gt0"), first + 0.25)
+    # gt0 with the target 0 of Eq. 3: (0.5^2 + 0^2) / 2
+    torch.testing.assert_close(da_loss_at(A, soft, ob, df, "official", "gt0", "zero"), first + 0.125)
+
+
+def _batch_maps(rows, L=6, ob=1, df=(2, 3, 4, 5)):
+    """(B, r, r, L) from [(four anomaly maps, normal map), ...], one entry per image."""
+    A = torch.cat([_maps(d, o, L, ob, df)[0] for d, o in rows])
+    B = len(rows)
+    return A, torch.full((B,), ob), torch.tensor([list(df)] * B)
+
+
+def test_da_loss_official_minmax_is_one_statistic_over_the_batch():
+    z = [[0, 0], [0, 0]]
+    A, ob, df = _batch_maps([([[[1, 0], [0, 1]], z, [[1, 0], [0, 0]], z], [[0.6, 0.2], [1.0, 0.2]]),
+                             ([[[1, 0], [0, 0]], z, z, z], [[0.2, 0.2], [0.2, 0.6]])])
+    M = torch.tensor([[[1.0, 0], [0, 0]]] * 2)
+    # anomaly means [[.5, 0], [0, .25]] and [[.25, 0], [0, 0]]: batch min 0, max .5 -> [[1, 0], [0, .5]], [[.5, 0], [0, 0]]
+    #   first term: (0.5^2 + 0.5^2) / 8 cells = 0.0625 (per-image min-max would make the second [[1, 0], [0, 0]])
+    # normal maps: batch min .2, max 1 -> [[.5, 0], [1, 0]] and [[0, 0], [0, .5]]; at M == 1: (.5^2 + 0^2) / 2 = 0.125
+    torch.testing.assert_close(da_loss_at(A, M, ob, df, "official"), torch.tensor(0.0625 + 0.125))
+    # the two images in the other order: the same loss (one statistic for the whole batch, rows independent of order)
+    torch.testing.assert_close(da_loss_at(A.flip(0), M, ob, df, "official"), torch.tensor(0.0625 + 0.125))
 
 
 @pytest.mark.parametrize("convention", ["paper", "official"])
@@ -155,9 +180,15 @@ def test_da_loss_reads_the_da_layers_and_reaches_the_anomaly_token_embeddings(co
     orig = trainer.store.record
     trainer.store.record = lambda layer, logits, probs: (recorded.append((layer, logits.shape)),
                                                          orig(layer, logits, probs))[1]
+    trainer.store.reset = lambda: None  # keep the maps of this forward pass for the checks below
     terms = trainer.loss(batch, t, eps)
     assert sorted({n for n, _ in recorded}) == sorted(n for v in trainer.layers.values() for n in v)
     assert {s[-2] for _, s in recorded} == {8 * 8, 4 * 4}  # the two encoder resolutions of a 16x16 latent
+    for name in trainer.store.maps:  # what the DA loss read: spatial softmax (official) or token softmax (paper)
+        m = trainer.store.maps[name][-1]                                  # (B, positions, tokens)
+        axis = -2 if convention == "official" else -1
+        torch.testing.assert_close(m.sum(axis), torch.ones_like(m.sum(axis)), atol=1e-4, rtol=1e-4)
+        assert not torch.allclose(m.sum(-3 - axis), torch.ones_like(m.sum(-3 - axis)), atol=1e-2)
     comp.unet.zero_grad(), trainer.table.grad is None or trainer.table.grad.zero_()
     terms.da.backward()
     grad = trainer.table.grad
@@ -190,15 +221,52 @@ def test_new_embeddings_mode_moves_only_the_ua_rows():
 
 
 # ------------------------------------------------------------------------------------------- Sec. 3.3, RMP branch
-def test_rmp_shapes_for_sd_v1_features_on_the_meta_device():
+def test_rmp_is_the_official_architecture_at_sd_size():
     arch = architecture("sd_v1")
     with torch.device("meta"):
         rmp = RefinedMaskPrediction.for_models(arch["unet"], arch["vae"])
         fu = [torch.empty(2, 1280, 32, 32), torch.empty(2, 640, 64, 64)]
         fv = [torch.empty(1, 512, 128, 128), torch.empty(1, 512, 256, 256), torch.empty(1, 256, 512, 512)]
         coarse, refined = rmp(fu, fv)
-    assert coarse.shape == (2, 2, 64, 64) and refined.shape == (1, 2, 512, 512)
-    assert rmp.coarse.blocks[0].qkv.in_features == 192 and len(rmp.coarse.blocks) == 4 and len(rmp.mrms) == 3
+        _, both = rmp(fu, fv, rest_size=(512, 512))
+    assert coarse.shape == (2, 2, 64, 64) and refined.shape == (1, 2, 512, 512) and both.shape == (2, 2, 512, 512)
+    # HUST-SLOW/SeaS models/modules/_RMP.py builds 6,448,258 parameters, 996,480 of them in the three MRMs' conv6,
+    # which its forward never calls: the branch that runs has 5,451,778
+    assert sum(p.numel() for p in rmp.parameters()) == 6_448_258 - 996_480
+    t = rmp.coarse.transformer
+    assert len(t.transformer_blocks) == 4 and t.norm.num_groups == 32 and t.transformer_blocks[0].attn1.heads == 8
+    assert all(m.skip[0].weight.shape[:2] == (192, 192) for m in rmp.mrms)  # every MRM 192 wide
+
+
+def test_mrm_combines_as_the_official_module_hand_worked():
+    torch.manual_seed(0)
+    from seas.model import MaskRefinementModule
+    mrm = MaskRefinementModule(5, 6).eval()
+    with torch.no_grad():
+        for m in mrm.modules():  # non-trivial BN statistics
+            if isinstance(m, torch.nn.BatchNorm2d):
+                m.running_mean.uniform_(-0.2, 0.2), m.running_var.uniform_(0.5, 2), m.bias.uniform_(-0.1, 0.3)
+    x, v = torch.randn(2, 6, 3, 5), torch.randn(2, 5, 6, 10)
+    up = torch.nn.functional.interpolate(x, size=(6, 10), mode="bilinear", align_corners=True)
+    with torch.no_grad():
+        a = mrm.chain1(up)
+        s_ = a + mrm.skip(up) + mrm.chain2(a)  # the second chain reads the first chain's output
+        torch.testing.assert_close(mrm(x, v), mrm.vae_proj(v) * s_ + up)
+        mrm.vae_proj[1].weight.zero_(), mrm.vae_proj[1].bias.zero_()  # V(f) = 0: the upsampled input passes alone
+        torch.testing.assert_close(mrm(x, v), up)
+
+
+def test_rmp_normal_rows_refined_by_upsampling_their_coarse_features():
+    rmp = RefinedMaskPrediction((16, 8), (8, 8, 4), coarse_channels=(8, 8), heads=2, norm_groups=4).eval()
+    fu = [torch.randn(3, 16, 4, 4), torch.randn(3, 8, 8, 8)]
+    fv = [torch.randn(1, 8, 12, 12), torch.randn(1, 8, 16, 16), torch.randn(1, 4, 16, 16)]
+    with torch.no_grad():
+        coarse, refined = rmp(fu, fv, rest_size=(16, 16))
+        f_hat = rmp.coarse(*fu)
+        torch.testing.assert_close(coarse, rmp.head(f_hat))  # one head for coarse and refined
+        rest = torch.nn.functional.interpolate(f_hat[1:], size=(16, 16), mode="bilinear", align_corners=False)
+        torch.testing.assert_close(refined[1:], rmp.head(rest))
+        torch.testing.assert_close(refined[:1], rmp(fu, fv)[1])
 
 
 def test_rmp_shapes_on_the_mini_prior_features():
@@ -215,21 +283,72 @@ def test_rmp_shapes_on_the_mini_prior_features():
     assert coarse.shape == (3, 2, 32, 32) and refined.shape == (2, 2, 128, 128) and img.shape == (2, 3, 128, 128)
 
 
+def test_rmp_targets_keep_only_exact_ones_official_rule_hand_worked():
+    from seas.model import rmp_targets
+    m = torch.zeros(2, 1, 4, 6)  # two masks, not square, not at the coarse size
+    m[0, 0, :2, :2] = 1          # a full 2x2 cell
+    m[0, 0, :2, 2:4] = torch.tensor([[1.0, 1], [1, 0]])  # 3 of 4 pixels
+    m[0, 0, 3, 5] = 1            # one pixel
+    m[1, 0, 2:, 4:] = 0.5        # a soft (interpolated) edge only
+    full = rmp_targets(m, (4, 6))
+    assert torch.equal(full, (m[:, 0] == 1).long())  # at the mask's own size: exact 1s, the 0.5s are background
+    # at 2 x 3 the bilinear sample is each 2x2 cell's mean: only the full cell is exactly 1
+    assert rmp_targets(m, (2, 3)).tolist() == [[[1, 0, 0], [0, 0, 0]], [[0, 0, 0], [0, 0, 0]]]
+    assert rmp_targets(m, (2, 3), "area").tolist() == [[[1, 1, 0], [0, 0, 0]], [[0, 0, 0], [0, 0, 0]]]
+    # VisA / 3D: divided by the batch max (0.5 -> 1 only when nothing larger is in the batch)
+    assert rmp_targets(m[1:], (2, 3), normalize=True).tolist() == [[[0, 0, 0], [0, 0, 1]]]
+    assert rmp_targets(torch.zeros(1, 1, 4, 4), (2, 2), normalize=True).sum() == 0  # empty: no division by 0
+
+
 def test_rmp_focal_loss_hand_worked():
-    # zero logits: p_t = 0.5 everywhere, focal = 0.25 ln 2 per pixel, for each of the four terms of Eq. 7
-    zc, zr = torch.zeros(2, 2, 4, 4), torch.zeros(2, 2, 16, 16)
-    mask = torch.zeros(2, 1, 16, 16)
-    mask[:, :, :8] = 1
-    torch.testing.assert_close(rmp_loss(zc, zr, mask, torch.zeros(2, 2, 4, 4), (16, 16)),
-                               torch.tensor(4 * 0.25 * math.log(2)))
-    # a confident, correct prediction costs ~0; the normal path penalises any anomaly probability
-    good_r = torch.stack([1 - mask[:, 0], mask[:, 0]], 1) * 40 - 20
-    m_low = (torch.nn.functional.adaptive_avg_pool2d(mask, 4) > 0.5)[:, 0].float()
-    good_c = torch.stack([1 - m_low, m_low], 1) * 40 - 20
-    ob_ok = torch.tensor([20.0, -20.0]).view(1, 2, 1, 1).expand(2, 2, 4, 4)
-    assert rmp_loss(good_c, good_r, mask, ob_ok, (16, 16)) < 1e-6
-    bad_ob = torch.tensor([-20.0, 20.0]).view(1, 2, 1, 1).expand(2, 2, 4, 4)
-    assert rmp_loss(good_c, good_r, mask, bad_ob, (16, 16)) > 1.0
+    # zero logits: p_t = 0.5 everywhere, focal = 0.25 ln 2 per pixel; each of the two focal terms is one mean over
+    # [anomalies; normals] (the official reduction, Eq. 7's four terms / 2 for equal halves)
+    zc, zr = torch.zeros(4, 2, 2, 3), torch.zeros(4, 2, 4, 6)
+    mask = torch.zeros(2, 1, 4, 6)
+    mask[:, :, :2, :2] = 1
+    torch.testing.assert_close(rmp_loss(zc, zr, mask), torch.tensor(2 * 0.25 * math.log(2)))
+    # a confident prediction of the official targets costs ~0; the normal rows must be all background
+    from seas.model import rmp_targets
+
+    def confident(target, n_normal=2):
+        t = torch.cat([target, target.new_zeros(n_normal, *target.shape[1:])]).float()
+        return torch.stack([1 - t, t], 1) * 40 - 20
+    good_c, good_r = confident(rmp_targets(mask, (2, 3))), confident(rmp_targets(mask, (4, 6)))
+    assert rmp_loss(good_c, good_r, mask) < 1e-6
+    bad_r = good_r.clone()
+    bad_r[2:] = good_r[:2]  # the normal rows predict the anomalies' masks
+    assert rmp_loss(good_c, bad_r, mask) > 0.5
+    mask_soft = mask.clone()
+    mask_soft[:, :, 2, :2] = 1  # the 2x2 cell below is now half covered: official target 0, "> 0" target 1
+    wrong_soft = confident((F.interpolate(mask_soft, size=(2, 3), mode="bilinear") > 0).long()[:, 0])
+    right_soft = confident(rmp_targets(mask_soft, (2, 3)))
+    assert rmp_loss(wrong_soft, confident(rmp_targets(mask_soft, (4, 6))), mask_soft) > 1.0
+    assert rmp_loss(right_soft, confident(rmp_targets(mask_soft, (4, 6))), mask_soft) < 1e-6
+
+
+def test_rmp_training_decodes_the_ddpm_step_from_z_t():
+    comp = build_random("tiny")
+    comp.unet.eval(), comp.vae.eval()
+    rmp, _ = M.build_rmp(comp, METHOD.rmp)
+    g = torch.Generator().manual_seed(0)
+    z_t, noise = torch.randn(3, 4, 16, 16, generator=g), torch.randn(3, 4, 16, 16, generator=g)
+    t = torch.tensor([5, 400, 900])
+    e = torch.randn(3, 24, 16, generator=g)
+    decoded = []
+    orig = comp.decode_latents
+    comp.decode_latents = lambda z: (decoded.append(z.clone()), orig(z))[1]
+    M.rmp_features(comp, rmp, z_t, t, e, n_refine=2, prev_step="ddpm", noise=noise)
+    with torch.no_grad():
+        eps = comp.unet(z_t, t, encoder_hidden_states=e).sample
+    a = comp.scheduler.alphas_cumprod
+    for i in range(2):  # x_{t-1} = posterior mean + sqrt(beta~_t) noise, for the two anomaly rows
+        ti = int(t[i])
+        beta = 1 - a[ti] / a[ti - 1]
+        x0 = (z_t[i] - (1 - a[ti]).sqrt() * eps[i]) / a[ti].sqrt()
+        mean = a[ti - 1].sqrt() * beta / (1 - a[ti]) * x0 + (1 - beta).sqrt() * (1 - a[ti - 1]) / (1 - a[ti]) * z_t[i]
+        expected = mean + ((1 - a[ti - 1]) / (1 - a[ti]) * beta).sqrt() * noise[i]
+        torch.testing.assert_close(decoded[0][i], expected, atol=1e-5, rtol=1e-4)
+    assert decoded[0].shape[0] == 2
 
 
 class SpyRMP(torch.nn.Module):
@@ -243,26 +362,85 @@ class SpyRMP(torch.nn.Module):
         return self.real.feature_names(unet, vae)
 
     def forward(self, fu, fv):
-        self.calls.append(([f.shape for f in fu], [f.shape for f in fv]))
+        self.calls.append(([f.clone() for f in fu], [f.clone() for f in fv]))
         p = self.values[len(self.calls) - 1]
         B, H, W = fv[-1].shape[0], *fv[-1].shape[-2:]
         logit = torch.full((B, 1, H, W), math.log(p / (1 - p)))
         return None, torch.cat([torch.zeros_like(logit), logit], 1)
 
 
-def test_masks_average_the_last_three_steps_on_the_conditional_branch():
+@pytest.mark.parametrize("mask_latent", ["input", "output"])
+def test_masks_read_the_conditional_branch_at_the_last_three_steps(mask_latent):
+    from core.diffusion import cfg_eps, sample
     comp = build_random("tiny")
     comp.unet.eval(), comp.vae.eval()
     rmp, _ = M.build_rmp(comp, METHOD.rmp)
     spy = SpyRMP(rmp, [0.1, 0.2, 0.6])
-    sched = M.make_scheduler(comp, "dpmsolver++")
-    z = torch.randn(2, 4, 16, 16)
-    e = torch.randn(2, 24, 16)
-    images, probs = M.sample_with_masks(comp, sched, z, e, torch.zeros_like(e), 3.0, 6, spy, mask_steps=3)
-    assert len(spy.calls) == 3  # RMP at exactly the last 3 of 6 steps
-    assert all(fu[0][0] == 2 and fv[0][0] == 2 for fu, fv in spy.calls)  # conditional half only (CFG batch is 4)
+    z = torch.randn(2, 4, 16, 16, generator=torch.Generator().manual_seed(0))
+    g = torch.Generator().manual_seed(1)
+    cond, uncond = torch.randn(2, 24, 16, generator=g), torch.randn(2, 24, 16, generator=g)
+    n = 6
+    images, probs = M.sample_with_masks(comp, M.make_scheduler(comp, "dpmsolver++"), z, cond, uncond, 3.0, n, spy,
+                                        mask_steps=3, mask_latent=mask_latent)
     torch.testing.assert_close(probs, torch.full((2, 64, 64), 0.3))  # mean of 0.1, 0.2, 0.6
-    assert images.shape == (2, 3, 64, 64)
+    # the same run by hand: the latents entering every step, then what the branch should have read
+    path, sched = [], M.make_scheduler(comp, "dpmsolver++")
+    sched.set_timesteps(n)
+    with torch.no_grad():
+        z0 = sample(cfg_eps(comp.unet, cond, uncond, 3.0), sched, z, callback=lambda st: path.append((st.t, st.latents)),
+                    progress=False)
+    path.append((None, z0))
+    names_u, names_v = rmp.feature_names(comp.unet, comp.vae)
+    assert len(spy.calls) == 3
+    for (fu, fv), i in zip(spy.calls, range(n - 3, n)):
+        t, z_in = path[i]
+        with torch.no_grad(), capture_outputs(comp.unet, names_u) as c:
+            comp.unet(z_in, t, encoder_hidden_states=cond)
+            cond_feats = [c[k].clone() for k in names_u]
+            comp.unet(z_in, t, encoder_hidden_states=uncond)
+            uncond_feats = [c[k].clone() for k in names_u]
+        for got, want, other in zip(fu, cond_feats, uncond_feats):
+            torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-3)
+            assert (got - other).abs().max() > 1e-3  # the test would see the unconditional half
+        z_read = z_in if mask_latent == "input" else path[i + 1][1]
+        with torch.no_grad(), capture_outputs(comp.vae, names_v) as v:
+            comp.decode_latents(z_read)
+        for got, name in zip(fv, names_v):
+            torch.testing.assert_close(got, v[name], atol=1e-4, rtol=1e-3)
+    with torch.no_grad():
+        torch.testing.assert_close(images, comp.decode_latents(z0), atol=1e-4, rtol=1e-3)
+
+
+def test_a_reloaded_generator_samples_the_official_schedule(tmp_path):
+    from core.models import load_diffusers_dir
+    comp = build_random("tiny")
+    comp.save(tmp_path / "generator")
+    reloaded = load_diffusers_dir(tmp_path / "generator")
+    for c in (comp, reloaded):
+        sched = M.make_scheduler(c, str(METHOD.generate.sampler), str(METHOD.generate.timestep_spacing))
+        sched.set_timesteps(25)
+        assert sched.timesteps.tolist() == [round(999 * i / 25) for i in range(25, 0, -1)]  # 999, 959, ..., 40
+
+
+def test_loaded_mask_branch_is_in_eval_mode_masks_do_not_depend_on_the_batch(tmp_path):
+    from safetensors.torch import save_file
+    comp = build_random("tiny")
+    comp.unet.eval(), comp.vae.eval()
+    rmp, kw = M.build_rmp(comp, METHOD.rmp)
+    with torch.no_grad():
+        for m in rmp.modules():  # running statistics that differ from any one batch's
+            if isinstance(m, torch.nn.BatchNorm2d):
+                m.running_mean.uniform_(-0.5, 0.5), m.running_var.uniform_(0.5, 2)
+    save_file({k: v.contiguous() for k, v in rmp.state_dict().items()}, str(tmp_path / "rmp.safetensors"))
+    (tmp_path / "rmp.json").write_text(__import__("json").dumps({k: list(v) if isinstance(v, tuple) else v
+                                                                for k, v in kw.items()}))
+    loaded = M.load_rmp(tmp_path, comp)
+    assert not any(m.training for m in loaded.modules())
+    z = torch.randn(3, 4, 16, 16, generator=torch.Generator().manual_seed(2))
+    cond = torch.randn(3, 24, 16, generator=torch.Generator().manual_seed(3))
+    run = lambda k: M.sample_with_masks(comp, M.make_scheduler(comp, "dpmsolver++"), z[:k], cond[:k],  # noqa: E731
+                                        torch.zeros_like(cond[:k]), 2.0, 4, loaded)[1]
+    torch.testing.assert_close(run(3)[:1], run(1), atol=1e-4, rtol=1e-3)
 
 
 def test_official_start_noise_level():
@@ -319,7 +497,7 @@ def _compose(name, overrides):
         return compose(name, overrides)
 
 
-def test_train_and_generate_write_a_reloadable_mvtec_tree_with_binary_masks(world, tmp_path):
+def test_train_and_generate_write_a_reloadable_mvtec_tree_with_binary_masks(world, tmp_path, monkeypatch):
     common = ["method=seas", "debug=fast", f"dataset.root={world}", "product=bottle"]
     from core.runs import generate, train
     run = tmp_path / "run"
@@ -328,7 +506,31 @@ def test_train_and_generate_write_a_reloadable_mvtec_tree_with_binary_masks(worl
     out = tmp_path / "gen"
     gcfg = _compose("generate", common + [f"checkpoint={run}", f"out_dir={out}", "n_per_type=3",
                                           "limits.n_per_type=3", "method.generate.batch_size=2"])
+    calls, real = [], M.sample_with_masks
+
+    def spy(comp, scheduler, z_T, cond, uncond, guidance, num_steps, rmp=None, *a, **kw):
+        calls.append((z_T.clone(), cond.clone(), rmp))
+        return real(comp, scheduler, z_T, cond, uncond, guidance, num_steps, rmp, *a, **kw)
+    monkeypatch.setattr(M, "sample_with_masks", spy)
     generate(gcfg, out, overrides=["n_per_type=3"])
+    monkeypatch.undo()
+    # every item starts from 0.098 z_0(its source normal) + its own noise (Sec. 3.4), with its own prompt; the mask
+    # branch runs for anomalies only
+    comp, prompt = M.load_generator(run)
+    signal = M.start_signal(gcfg.method.generate)
+    rows = [(z, c, r) for zs, cs, r in calls for z, c in zip(zs, cs)]
+    for rec in read_manifest(out):
+        ty = rec["anomaly_type"]
+        gen = M.item_generator(int(gcfg.seed), ty, rec["index"])
+        torch.randint(1, (1,), generator=gen)  # the source draw
+        noise = torch.randn(4, comp.latent_size, comp.latent_size, generator=gen)
+        with torch.no_grad():
+            z0 = comp.encode_images(M.preprocess(read_image(rec["source"]), None, comp.resolution)[0][None])[0]
+            e = comp.encode_prompt([prompt.prompt(ty)])[0]
+        match = [(c, r) for z, c, r in rows if torch.allclose(z, signal * z0 + noise, atol=1e-4)]
+        assert len(match) == 1, (ty, rec["index"])
+        torch.testing.assert_close(match[0][0], e)
+        assert (match[0][1] is None) == (ty is None)
     samples = load_folder(out, ["bottle"])
     validate_files(samples)  # image / mask pairing and sizes
     types = S.PRODUCTS["bottle"].defects
@@ -366,3 +568,101 @@ def test_bad_inputs_say_what_to_do(tmp_path, monkeypatch):
         M.make_optimizer([{"params": [torch.nn.Parameter(torch.zeros(1))]}], "adamw8bit", 0.0)
     with pytest.raises(ValueError, match="adamw or adamw8bit"):
         M.make_optimizer([{"params": [torch.nn.Parameter(torch.zeros(1))]}], "sgd", 0.0)
+
+
+# ------------------------------------------------------------------------ the mixed batch and its prompts (Eq. 6)
+def test_one_transform_moves_image_mask_and_paired_normal_alike():
+    g = torch.Generator().manual_seed(1)
+    x = torch.rand(3, 12, 12, generator=g)  # no symmetry: every flip / rotation gives a different tensor
+    mask = (x[:1] > 0.5).float()
+    data = M.TrainingImages(x[None].repeat(4, 1, 1, 1), mask[None].repeat(4, 1, 1, 1), ["crack", "stain"] * 2,
+                            x[None].repeat(3, 1, 1, 1), [], [])
+    seen = set()
+    for step in range(12):
+        b = M.mixed_batch(data, 5, step, 2, 2, augment=True)
+        for j in range(2):
+            torch.testing.assert_close(b.images[2 + j], b.images[j])                 # the normal paired with it
+            torch.testing.assert_close(b.masks[j], (b.images[j][:1] > 0.5).float())  # the mask on its pixels
+            seen.add(tuple(b.images[j].flatten()[:5].tolist()))
+    assert len(seen) >= 4  # the transforms do vary
+
+
+def _unet_contexts(comp):
+    """Record the encoder_hidden_states of every U-Net call."""
+    seen = []
+    h = comp.unet.register_forward_pre_hook(lambda m, a, kw: seen.append(kw.get("encoder_hidden_states",
+                                                                                 a[2] if len(a) > 2 else None)),
+                                            with_kwargs=True)
+    return seen, h
+
+
+def test_mixed_batch_rows_get_their_own_prompts():
+    comp, prompt, trainer = _trainer()
+    batch = M.mixed_batch(_tiny_data(), 0, 1, 2, 3, augment=False)
+    t, eps = M.batch_noise(0, 0, (5, 4, 16, 16), 1000)
+    seen, h = _unet_contexts(comp)
+    try:
+        trainer.loss(batch, t, eps)
+    finally:
+        h.remove()
+    e = seen[0].detach()
+    with torch.no_grad():
+        for j, ty in enumerate(batch.types):
+            torch.testing.assert_close(e[j], comp.encode_prompt([prompt.anomaly_prompt(ty)])[0])
+        normal = comp.encode_prompt([prompt.normal_prompt])[0]
+        for j in range(2, 5):
+            torch.testing.assert_close(e[j], normal)
+
+
+def test_gradient_accumulation_averages_the_mini_batches():
+    comp, prompt, trainer = _trainer()
+    data = _tiny_data()
+    items = []
+    for i in range(2):
+        t, eps = M.batch_noise(0, i, (4, 4, 16, 16), 1000)
+        items.append((M.mixed_batch(data, 0, i, 2, 2, True), t, eps))
+    params = [p for p in comp.unet.parameters()][:6] + [trainer.table]
+
+    def grads(batches):
+        for p in params:
+            p.grad = None
+        comp.unet.zero_grad(set_to_none=True)
+        trainer.backward(batches)
+        return [p.grad.clone() for p in params]
+
+    g1, g2, both = grads(items[:1]), grads(items[1:]), grads(items)
+    for a, b, ab in zip(g1, g2, both):
+        torch.testing.assert_close(ab, (a + b) / 2, atol=1e-6, rtol=1e-4)
+    assert any((a - b).abs().max() > 1e-6 for a, b in zip(g1, g2))
+
+
+# ------------------------------------------------------------------------------ preprocessing and start images
+def test_official_preprocessing_crops_the_centre_and_keeps_soft_mask_edges():
+    h, w = 8, 12                        # not square: the short side goes to 4, the long one to 6, 1 column cut per side
+    img = np.zeros((h, w, 3), np.uint8)
+    img[:, :2] = 255                    # the outer two columns on each side are white: cropped away
+    img[:, -2:] = 255
+    mask = np.zeros((h, w), bool)
+    mask[:, :2] = True                  # ... and masked: nothing of it remains
+    mask[2:5, 5:8] = True               # a 3 x 3 defect in the middle: soft at the new scale
+    x, m = M.preprocess(img, mask, 4, "official")
+    assert x.shape == (3, 4, 4) and m.shape == (1, 4, 4)
+    assert x.max() < 0.2 and m[:, :, 0].max() < 0.2      # the border columns are gone
+    assert ((m > 0) & (m < 1)).any() and m.max() > 0.5   # soft edges of the defect
+    torch.testing.assert_close(x * 255, (x * 255).round())  # 8-bit values, as a PIL image
+    xs, ms = M.preprocess(img, mask, 4, "squash")         # the whole width squashed in: borders stay, mask binary
+    assert xs[:, :, 0].min() > 0.5 and set(ms.unique().tolist()) <= {0.0, 1.0} and ms[0, :, 0].all()
+    square = np.random.default_rng(0).integers(0, 256, (4, 4, 3), dtype=np.uint8)  # at the model size: unchanged
+    torch.testing.assert_close(M.preprocess(square, None, 4)[0], torch.from_numpy(square).permute(2, 0, 1) / 255.0)
+
+
+def test_start_images_random_per_item_or_the_official_first_batch():
+    draws = [M.source_index("random", 60, i, M.item_generator(0, "crack", i)) for i in range(20)]
+    assert len(set(draws)) > 5
+    assert [M.source_index("first_batch", 60, i, M.item_generator(0, "crack", i)) for i in range(23)] == \
+        [i % 10 for i in range(23)]
+    assert M.source_index("first_batch", 4, 7, M.item_generator(0, None, 7), batch=10) == 3  # fewer normals than 10
+    # both rules consume the same draw: the start noise that follows is the same
+    g1, g2 = M.item_generator(0, "crack", 3), M.item_generator(0, "crack", 3)
+    M.source_index("random", 60, 3, g1), M.source_index("first_batch", 60, 3, g2)
+    torch.testing.assert_close(torch.randn(4, generator=g1), torch.randn(4, generator=g2))
