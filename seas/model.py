@@ -234,7 +234,7 @@ class CoarseFeatureExtraction(nn.Module):
     def __init__(self, in_channels: tuple[int, int], channels: tuple[int, int] = (128, 64), layers: int = 4,
                  heads: int = 8, norm_groups: int = 32):
         super().__init__()
-        from diffusers.models.transformers.transformer_2d import Transformer2DModel
+        from diffusers import Transformer2DModel
 
         dim = sum(channels)
         if dim % heads or dim % norm_groups:
@@ -248,7 +248,7 @@ class CoarseFeatureExtraction(nn.Module):
     def forward(self, f1: torch.Tensor, f2: torch.Tensor) -> torch.Tensor:
         x = torch.cat([F.interpolate(self.proj1(f1), size=f2.shape[-2:], mode="bilinear", align_corners=False),
                        self.proj2(f2)], dim=1)
-        return self.transformer(x).sample                                            # F^: (B, c_1 + c_2, h, w)
+        return self.transformer(x, return_dict=False)[0]                             # F^: (B, c_1 + c_2, h, w)
 
 
 class MaskRefinementModule(nn.Module):
