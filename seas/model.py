@@ -335,8 +335,8 @@ def rmp_targets(mask: torch.Tensor, size: tuple[int, int], rule: TargetRule = "o
 
     official: bilinear resampling to ``size`` (identity at the mask's own size), then truncation to an integer:
         only cells whose value is exactly 1 are anomalous. ``normalize`` (official for VisA / MVTec 3D, whose tiny
-        defects leave no exact 1 after resizing): the masks are divided by their batch maximum before resampling,
-        and the resampled ones by theirs again.
+        defects leave no exact 1 after resizing): the resampled masks are divided by their batch maximum. (The
+        official code divides before resampling too; resampling is linear, so that first division changes nothing.)
     area: the area average over each cell > 0.5 (the toolkit's earlier rule: tiny defects vanish at coarse sizes).
     """
     m = mask.float()
@@ -344,8 +344,6 @@ def rmp_targets(mask: torch.Tensor, size: tuple[int, int], rule: TargetRule = "o
         return (F.interpolate(m, size=size, mode="area") > 0.5)[:, 0].long()
     if rule != "official":
         raise ValueError(f"RMP target rule must be 'official' or 'area', got '{rule}'.")
-    if normalize and m.max() > 0:
-        m = m / m.max()
     r = F.interpolate(m, size=size, mode="bilinear", align_corners=False)
     if normalize and r.max() > 0:
         r = r / r.max()
@@ -377,8 +375,9 @@ def official_start_signal(scaling_factor: float = 0.18215, T: int = 1500, beta_s
                           beta_end: float = 0.012) -> float:
     """The official inference start (A.3, "t = 1500") as a signal coefficient on the *scaled* latent.
 
-    The official code extends SD's scaled-linear betas to 1500 steps and noises the UNSCALED VAE latent:
-    x_T = sqrt(abar_1500) z / s + sqrt(1 - abar_1500) eps, i.e. about 0.098 z + 1.0 eps for SD (s = 0.18215).
+    The official code builds a 1500-point scaled-linear schedule between SD's beta endpoints and noises the UNSCALED
+    VAE latent with its last abar: x_T = sqrt(abar_1500) z / s + sqrt(1 - abar_1500) eps, i.e. 0.098 z + 0.9998 eps for
+    SD (s = 0.18215), then runs the full 25-step schedule from t = 999.
     """
     betas = torch.linspace(beta_start ** 0.5, beta_end ** 0.5, T, dtype=torch.float64) ** 2
     return float(torch.cumprod(1 - betas, 0)[-1].sqrt() / scaling_factor)
