@@ -563,6 +563,10 @@ def test_bad_inputs_say_what_to_do(tmp_path, monkeypatch):
         M.load_generator(tmp_path)
     with pytest.raises(FileNotFoundError, match="checkpoint=<the run directory"):
         M.generate(OmegaConf.create({"method": {"generate": {}}, "device": "cpu"}), None, tmp_path / "out")
+    (tmp_path / "rmp.safetensors").write_bytes(b"")  # a mask branch saved by the earlier, non-official design
+    (tmp_path / "rmp.json").write_text('{"coarse_channels": [32, 16], "mrm_channels": [32, 16, 8], "steps": 4}')
+    with pytest.raises(ValueError, match="earlier toolkit version.*delete .*rmp.safetensors"):
+        M.load_rmp(tmp_path, build_random("tiny"))
     monkeypatch.setitem(__import__("sys").modules, "bitsandbytes", None)  # not installed
     with pytest.raises(ImportError, match="pip install bitsandbytes"):
         M.make_optimizer([{"params": [torch.nn.Parameter(torch.zeros(1))]}], "adamw8bit", 0.0)
