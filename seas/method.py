@@ -469,7 +469,8 @@ def load_rmp(run_dir: Path, comp: SDComponents) -> RefinedMaskPrediction:
     kw = json.loads((Path(run_dir) / "rmp.json").read_text())
     kw.pop("steps", None)
     if "mrm_channels" in kw:
-        raise ValueError(f"{path} holds the mask branch of an earlier toolkit version (MRM widths {kw['mrm_channels']}); "
+        raise ValueError(f"{path} holds the mask branch of an earlier toolkit version (MRM widths "
+                         f"{kw['mrm_channels']}); "
                          f"the branch is now built as the official code builds it. Fix: delete {path} and rerun "
                          f"scripts/train.py with hydra.run.dir={run_dir} (it retrains only the mask branch).")
     rmp = RefinedMaskPrediction.for_models(comp.unet.config, comp.vae.config,

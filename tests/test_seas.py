@@ -72,7 +72,8 @@ def test_da_loss_official_minmax_is_one_statistic_over_the_batch():
     A, ob, df = _batch_maps([([[[1, 0], [0, 1]], z, [[1, 0], [0, 0]], z], [[0.6, 0.2], [1.0, 0.2]]),
                              ([[[1, 0], [0, 0]], z, z, z], [[0.2, 0.2], [0.2, 0.6]])])
     M = torch.tensor([[[1.0, 0], [0, 0]]] * 2)
-    # anomaly means [[.5, 0], [0, .25]] and [[.25, 0], [0, 0]]: batch min 0, max .5 -> [[1, 0], [0, .5]], [[.5, 0], [0, 0]]
+    # anomaly means [[.5, 0], [0, .25]] and [[.25, 0], [0, 0]]: batch min 0, max .5
+    #   -> [[1, 0], [0, .5]] and [[.5, 0], [0, 0]]
     #   first term: (0.5^2 + 0.5^2) / 8 cells = 0.0625 (per-image min-max would make the second [[1, 0], [0, 0]])
     # normal maps: batch min .2, max 1 -> [[.5, 0], [1, 0]] and [[0, 0], [0, .5]]; at M == 1: (.5^2 + 0^2) / 2 = 0.125
     torch.testing.assert_close(da_loss_at(A, M, ob, df, "official"), torch.tensor(0.0625 + 0.125))
@@ -387,8 +388,8 @@ def test_masks_read_the_conditional_branch_at_the_last_three_steps(mask_latent):
     path, sched = [], M.make_scheduler(comp, "dpmsolver++")
     sched.set_timesteps(n)
     with torch.no_grad():
-        z0 = sample(cfg_eps(comp.unet, cond, uncond, 3.0), sched, z, callback=lambda st: path.append((st.t, st.latents)),
-                    progress=False)
+        z0 = sample(cfg_eps(comp.unet, cond, uncond, 3.0), sched, z,
+                    callback=lambda st: path.append((st.t, st.latents)), progress=False)
     path.append((None, z0))
     names_u, names_v = rmp.feature_names(comp.unet, comp.vae)
     assert len(spy.calls) == 3

@@ -8,5 +8,6 @@ from .sampling import (SAMPLERS, Step, cfg_eps, ddim_invert, img2img_start, img2
 
 __all__ = ["SAMPLERS", "AttentionStore", "ControlledAttnProcessor", "RegionTokenMask", "Step", "TokenReweight",
            "attention_control", "binarize", "block_resolution", "capture_outputs", "cfg_eps", "cross_attention_layers",
-           "ddim_invert", "img2img_start", "inference_scheduler", "img2img_timesteps", "isodata_threshold", "layers_at", "noise_to",
-           "normalize_minmax", "predict_x0", "previous_latent", "sample", "unet_up_blocks", "vae_decoder_up_blocks"]
+           "ddim_invert", "img2img_start", "img2img_timesteps", "inference_scheduler", "isodata_threshold",
+           "layers_at", "noise_to", "normalize_minmax", "predict_x0", "previous_latent", "sample", "unet_up_blocks",
+           "vae_decoder_up_blocks"]

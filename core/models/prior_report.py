@@ -57,6 +57,7 @@ def write_report(cfg: dict, out_dir: Path, work_dir: Path) -> dict:
         vals = report[key].values()
         report[key]["mean"] = {"mse": float(np.mean([v["mse"] for v in vals])),
                                "psnr": float(np.mean([v["psnr"] for v in vals]))}
+    # SD's DDIM spacing, which the report has always used
     sched = inference_scheduler(comp.scheduler.config, "ddim", "leading")
     uncond = comp.encode_prompt([""])
     n = int(rcfg["samples_per_prompt"])
