@@ -2,8 +2,9 @@
 
 Sources (``model.kind`` in ``configs/model/*.yaml``):
 - ``tiny``: random components of ``architectures.ARCHITECTURES['tiny']`` built in memory (tests, smoke runs);
-- ``mini``: the toolkit's pretrained mini prior shipped in ``core/models/mini_prior`` (``model.path`` may point
-  to another directory written by ``scripts/pretrain_prior.py``);
+- ``mini``: the toolkit's pretrained mini prior shipped in ``core/models/mini_prior`` (v2; ``model.version=1`` is the
+  first prior in ``core/models/mini_prior_v1``; ``model.path`` may point to another directory written by
+  ``scripts/pretrain_prior.py``);
 - ``diffusers``: a local diffusers-format directory (``unet/ vae/ text_encoder/ tokenizer/ scheduler/``);
 - ``single_file``: an original ``.ckpt`` / ``.safetensors`` checkpoint plus a local diffusers config directory.
 
@@ -28,6 +29,8 @@ from .architectures import SD_V1_SCHEDULE, architecture
 from .tokenizer import build_tokenizer, tokenize
 
 MINI_PRIOR_DIR = Path(__file__).resolve().parent / "mini_prior"
+# shipped mini priors by version (``model=mini`` is v2, ``model=mini_v1`` the first one, kept for comparison)
+MINI_PRIOR_DIRS = {2: MINI_PRIOR_DIR, 1: Path(__file__).resolve().parent / "mini_prior_v1"}
 COMPONENTS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
 
 # What a user should fetch for each named model (``configs/model/<name>.yaml`` sets ``model.download``).
@@ -235,12 +238,18 @@ def load_model(cfg: Any) -> SDComponents:
             comp.to(dtype=dtype)
         return comp
     if kind == "mini":
-        path = Path(get("path", None) or MINI_PRIOR_DIR)
+        version = int(get("version", None) or 2)
+        if version not in MINI_PRIOR_DIRS:
+            raise ValueError(f"Unknown mini prior version {version}. Shipped: {sorted(MINI_PRIOR_DIRS)} "
+                             f"(model=mini is v2, model=mini_v1 is v1).")
+        path = Path(get("path", None) or MINI_PRIOR_DIRS[version])
         if not (path / "model_index.json").is_file():
+            shipped = MINI_PRIOR_DIRS[version].relative_to(Path(__file__).resolve().parents[2])
+            config = "pretrain_prior" if version == 2 else "pretrain_prior_v1"
             raise ModelNotFoundError(
-                f"The mini prior is not at '{path}'. It ships with the toolkit in core/models/mini_prior: restore it "
-                f"(git checkout core/models/mini_prior), rebuild it with `python scripts/pretrain_prior.py` (about "
-                f"1 h on 2 cores), or set model.path=<a directory written by that script>.")
+                f"The mini prior is not at '{path}'. It ships with the toolkit in {shipped}: restore it "
+                f"(git checkout {shipped}), rebuild it with `python scripts/pretrain_prior.py --config-name {config}` "
+                f"(1-2 h on 2 cores), or set model.path=<a directory written by that script>.")
         return load_diffusers_dir(path, "mini prior", "model.path",
                                   "nothing: it ships with the toolkit; rebuild it with scripts/pretrain_prior.py",
                                   dtype, resolution)

@@ -1,4 +1,4 @@
-"""Pretraining of the mini prior: SD-class models learned from scratch on the synthetic world's pretraining products.
+"""Pretraining of the mini prior: SD-class models learned from scratch on a corpus drawn from the synthetic world.
 
 Two stages, each resumable from its own checkpoint in ``work_dir``:
 1. VAE (``AutoencoderKL``): L1 + MSE reconstruction and a small KL term on random crops (the VAE is fully
@@ -7,15 +7,21 @@ Two stages, each resumable from its own checkpoint in ``work_dir``:
 2. Text encoder + U-Net, jointly, with the epsilon-prediction loss of SD on the cached latents; captions drop to
    "" with probability ``caption_dropout`` so that classifier-free guidance works; EMA of the U-Net weights.
 
-The training pool is drawn from the world's generator (stream "prior"), not from the on-disk benchmark tree: only
-``PRETRAIN_PRODUCTS`` appear, with their normal variation and all their defect types. The held-out benchmark products
-are never rendered here; their names stay in the tokenizer so that prompts about them can be written.
+The corpus (v2, :func:`render_corpus`) stands in for SD's web data: normal images of all 13 products, photographed
+more widely than the benchmark shows them (``core.data.synthetic.appearance``), and defect images of the
+``PRETRAIN_PRODUCTS`` only, captioned with product and defect ("a photo of a screw with a crack"). No defect of a
+benchmark product is ever rendered for it (:func:`check_corpus_products`; the manifest records every image). So,
+like SD, the prior knows what a bottle looks like and has never seen a defective one. It is drawn from the world's
+generator (streams "prior" and "web"), never from the on-disk benchmark tree.
 """
 from __future__ import annotations
 
+import dataclasses
+import hashlib
+import json
 import math
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -24,8 +30,10 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from ..data.synthetic import BENCHMARK_PRODUCTS, PRETRAIN_PRODUCTS, PRODUCTS, render, sample_rng
-from ..io import torch_save
+from ..data.synthetic import (ALL_PRODUCTS, BENCHMARK_PRODUCTS, PRETRAIN_PRODUCTS, PRODUCTS, render, render_web,
+                              sample_rng)
+from ..data.synthetic.appearance import KEEP_BENCHMARK
+from ..io import torch_save, write_json, write_text
 from .loading import SDComponents, build_random
 
 DEFECT_PHRASES: dict[str, str] = {
@@ -54,23 +62,96 @@ class Pool:
     images: np.ndarray  # (N, H, W, 3) uint8
     products: list[str]
     defects: list[str | None]
+    entries: list[dict] = field(default_factory=list)  # the manifest: one dict per image (see render_corpus)
+
+    def summary(self) -> dict:
+        """Image counts per product and state ("good" or the defect type): what the corpus holds, in brief."""
+        counts: dict[str, dict[str, int]] = {}
+        for p, d in zip(self.products, self.defects):
+            counts.setdefault(p, {}).setdefault(d or "good", 0)
+            counts[p][d or "good"] += 1
+        return counts
+
+
+APPEARANCES = ("web", "benchmark")
+
+
+def check_corpus_products(normal_products, defect_products) -> None:
+    """The corpus rule: normals of any product, defects of the pretraining products only."""
+    unknown = [p for p in (*normal_products, *defect_products) if p not in PRODUCTS]
+    if unknown:
+        raise ValueError(f"Unknown product(s) {unknown} in the pretraining corpus. Available: {', '.join(PRODUCTS)}.")
+    leaked = [p for p in defect_products if p in BENCHMARK_PRODUCTS]
+    if leaked:
+        raise ValueError(
+            f"corpus.defect_products includes benchmark product(s) {leaked}: their defects are what the few-shot "
+            f"methods must learn, so no defect image of them may enter the prior's corpus (as no MVTec defect is in "
+            f"SD's). Use defect products from {', '.join(PRETRAIN_PRODUCTS)}.")
+
+
+def render_corpus(normal_products, defect_products, normal_per_product: int, defect_per_product: int,
+                  resolution: int, seed: int, appearance: str = "web", keep: float = KEEP_BENCHMARK,
+                  desc: str = "render corpus") -> Pool:
+    """The pretraining corpus, drawn from the world's generator (stream "prior"), never from the benchmark tree.
+
+    For each product in world order: ``normal_per_product`` normal images if it is in ``normal_products``, then
+    ``defect_per_product`` defective ones (defect types in turn) if it is in ``defect_products``, which may hold
+    pretraining products only. ``appearance="web"`` photographs each sample with a wider look (pose, colour,
+    background, light; ``core.data.synthetic.appearance``), ``"benchmark"`` with the benchmark's own (the v1 corpus).
+    ``Pool.entries`` is the manifest: product, defect, stream, index and the appearance of every image.
+    """
+    check_corpus_products(normal_products, defect_products)
+    if appearance not in APPEARANCES:
+        raise ValueError(f"corpus.appearance must be one of {APPEARANCES}, got '{appearance}'.")
+    jobs = []
+    for p in ALL_PRODUCTS:
+        if p in normal_products:
+            jobs += [(p, None, i) for i in range(normal_per_product)]
+        if p in defect_products:
+            types = PRODUCTS[p].defects
+            jobs += [(p, types[i % len(types)], i) for i in range(defect_per_product)]
+    images, prods, defects, entries = [], [], [], []
+    for p, d, i in tqdm(jobs, desc=desc, leave=False):
+        if appearance == "web":
+            r, app = render_web(p, seed, d or "good", i, resolution, keep)
+        else:
+            r, app = render(p, sample_rng(seed, p, "prior", d or "good", i), resolution, d), None
+        images.append(r.image)
+        prods.append(p)
+        defects.append(d)
+        entries.append({"product": p, "defect": d, "stream": "prior", "seed": seed, "index": i,
+                        "appearance": None if app is None else dataclasses.asdict(app)})
+    return Pool(np.stack(images), prods, defects, entries)
 
 
 def render_pool(products: tuple[str, ...], normal_per_product: int, defect_per_product: int, resolution: int,
                 seed: int, desc: str = "render pool") -> Pool:
-    """Normal and defective renders of ``products`` from the world's "prior" stream (defect types round-robin)."""
+    """Normal and defective renders of any ``products`` in the benchmark's look, for evaluation (not a corpus:
+    the corpus rule is not applied, so nothing rendered here may be trained on)."""
     images, prods, defects = [], [], []
-    jobs = []
     for p in products:
-        jobs += [(p, None, i) for i in range(normal_per_product)]
         types = PRODUCTS[p].defects
-        jobs += [(p, types[i % len(types)], i) for i in range(defect_per_product)]
-    for p, d, i in tqdm(jobs, desc=desc, leave=False):
-        r = render(p, sample_rng(seed, p, "prior", d or "good", i), resolution, d)
-        images.append(r.image)
-        prods.append(p)
-        defects.append(d)
+        jobs = [(None, i) for i in range(normal_per_product)] + [(types[i % len(types)], i)
+                                                                  for i in range(defect_per_product)]
+        for d, i in tqdm(jobs, desc=desc, leave=False):
+            images.append(render(p, sample_rng(seed, p, "prior", d or "good", i), resolution, d).image)
+            prods.append(p)
+            defects.append(d)
     return Pool(np.stack(images), prods, defects)
+
+
+def corpus_from_config(cfg: dict, desc: str = "render corpus") -> Pool:
+    c = cfg["corpus"]
+    return render_corpus(tuple(c["normal_products"]), tuple(c["defect_products"]), int(c["normal_per_product"]),
+                         int(c["defect_per_product"]), int(cfg["resolution"]), int(cfg["seed"]),
+                         c.get("appearance", "web"), float(c.get("keep_benchmark", KEEP_BENCHMARK)), desc)
+
+
+def write_manifest(pool: Pool, path: Path) -> str:
+    """The full manifest as JSON lines (atomically); returns its sha256."""
+    text = "".join(json.dumps(e, sort_keys=True) + "\n" for e in pool.entries)
+    write_text(path, text)
+    return hashlib.sha256(text.encode()).hexdigest()
 
 
 def _to_tensor(images: np.ndarray) -> torch.Tensor:
@@ -220,8 +301,8 @@ def pretrain(cfg: dict, out_dir: str | Path, work_dir: str | Path) -> dict:
         raise ValueError(f"Architecture '{cfg['architecture']}' is built for {comp.resolution} px, "
                          f"but resolution={cfg['resolution']}.")
     t0 = time.perf_counter()
-    pool = render_pool(tuple(cfg["products"]), cfg["pool"]["normal_per_product"], cfg["pool"]["defect_per_product"],
-                       cfg["resolution"], cfg["seed"])
+    pool = corpus_from_config(cfg)
+    manifest_sha = write_manifest(pool, work_dir / "corpus_manifest.jsonl")
     report: dict[str, Any] = {"pool_images": len(pool.images), "render_seconds": time.perf_counter() - t0}
     report["vae"] = train_vae(comp, pool, {**cfg["vae"], "checkpoint_every": cfg["checkpoint_every"]}, work_dir,
                               cfg["seed"])
@@ -229,10 +310,22 @@ def pretrain(cfg: dict, out_dir: str | Path, work_dir: str | Path) -> dict:
     report["denoiser"] = train_denoiser(comp, pool, latents, {**cfg["unet"], "checkpoint_every": cfg["checkpoint_every"]},
                                         work_dir, cfg["seed"])
     report["total_seconds"] = time.perf_counter() - t0
-    comp.source = {"kind": "mini_prior", "architecture": cfg["architecture"], "seed": cfg["seed"],
-                   "products": list(cfg["products"]), "held_out": [p for p in BENCHMARK_PRODUCTS]}
+    comp.source = {"kind": "mini_prior", "version": cfg.get("version", 2), "architecture": cfg["architecture"],
+                   "seed": cfg["seed"], "normal_products": list(cfg["corpus"]["normal_products"]),
+                   "defect_products": list(cfg["corpus"]["defect_products"]),
+                   "held_out": [p for p in BENCHMARK_PRODUCTS]}
     save_prior(comp, out_dir, cfg, half=cfg.get("save_half", True))
+    write_json(out_dir / "corpus.json", corpus_record(cfg, pool, manifest_sha))
     return report
+
+
+def corpus_record(cfg: dict, pool: Pool, manifest_sha: str) -> dict:
+    """What the corpus held (counts per product and state) and the sha256 of its full manifest; shipped beside the
+    model so that anyone can check which defects it has seen (``corpus_manifest.jsonl`` in the work dir is the
+    manifest itself; rerendering from the config reproduces it)."""
+    return {"config": cfg["corpus"], "seed": cfg["seed"], "resolution": cfg["resolution"], "images": len(pool.images),
+            "counts": pool.summary(), "manifest_sha256": manifest_sha,
+            "defect_products": sorted({p for p, d in zip(pool.products, pool.defects) if d is not None})}
 
 
 def save_prior(comp: SDComponents, out_dir: Path, cfg: dict, half: bool) -> None:
@@ -243,5 +336,6 @@ def save_prior(comp: SDComponents, out_dir: Path, cfg: dict, half: bool) -> None
     comp.unet.float(), comp.vae.float(), comp.text_encoder.float()
 
 
-__all__ = ["DEFECT_PHRASES", "Pool", "caption", "encode_pool", "pretrain", "render_pool", "train_denoiser",
-           "train_vae", "vae_reconstruction", "PRETRAIN_PRODUCTS", "BENCHMARK_PRODUCTS"]
+__all__ = ["DEFECT_PHRASES", "Pool", "caption", "check_corpus_products", "corpus_from_config", "encode_pool", "pretrain",
+           "render_corpus", "render_pool", "train_denoiser", "train_vae", "vae_reconstruction", "write_manifest",
+           "PRETRAIN_PRODUCTS", "BENCHMARK_PRODUCTS"]

@@ -18,8 +18,9 @@ from .loading import load_diffusers_dir
 from .pretrain import DEFECT_PHRASES, product_words, vae_reconstruction
 
 DEBUG_OVERRIDES = {
-    "architecture": "tiny", "resolution": 64, "products": ["metal_nut", "grid"], "checkpoint_every": 2,
-    "pool": {"normal_per_product": 3, "defect_per_product": 3},
+    "architecture": "tiny", "resolution": 64, "checkpoint_every": 2,
+    "corpus": {"normal_products": ["metal_nut", "grid", "bottle"], "defect_products": ["metal_nut", "grid"],
+               "normal_per_product": 3, "defect_per_product": 3},
     "vae": {"steps": 3, "batch": 2, "crop": 32, "warmup": 1},
     "unet": {"steps": 3, "batch": 2, "warmup": 1},
     "report": {"held_out_images": 2, "sample_steps": 2, "samples_per_prompt": 1},
@@ -49,7 +50,7 @@ def write_report(cfg: dict, out_dir: Path, work_dir: Path) -> dict:
     report = {
         "vae_reconstruction_held_out": vae_reconstruction(comp, tuple(held_out), rcfg["held_out_images"],
                                                           cfg["resolution"], cfg["seed"]),
-        "vae_reconstruction_pretraining": vae_reconstruction(comp, tuple(cfg["products"]),
+        "vae_reconstruction_pretraining": vae_reconstruction(comp, tuple(cfg["corpus"]["defect_products"]),
                                                              max(2, rcfg["held_out_images"] // 4),
                                                              cfg["resolution"], cfg["seed"]),
     }
@@ -62,7 +63,7 @@ def write_report(cfg: dict, out_dir: Path, work_dir: Path) -> dict:
     uncond = comp.encode_prompt([""])
     n = int(rcfg["samples_per_prompt"])
     rows = []
-    shown = list(cfg["products"])[:4]
+    shown = list(cfg["corpus"]["defect_products"])[:4]
     for i, (group, product, prompt, defect) in enumerate(_prompts(shown, held_out)):
         ref = render(product, sample_rng(cfg["seed"] + 7, product, "prior", defect or "good", 0), cfg["resolution"],
                      defect).image
