@@ -5,11 +5,19 @@
   of its nearest real *training* anomaly of that type (the split's train part), mean pairwise LPIPS per cluster;
   averaged over clusters, then over types.
 - IC-LPIPS(a): the same on mask-multiplied images (the anomalies alone).
-- KID of the generated normals (``<product>/train/good``) against the real normal training images; the subset
-  size shrinks to min(n_real, n_fake) (reported).
+- KID and FID of the generated normals (``<product>/train/good``) against the real normal training images; the KID
+  subset size shrinks to min(n_real, n_fake) (reported).
+- FID(a) (synthetic world only): the generated anomalies against as many extra *real* anomalies of the same types
+  from the world's oracle stream (never the test images).
+- CLIP score: 100 * max(cos, 0) between each generated anomaly and the text "a photo of a <product> with <defect>"
+  (Hessel et al. 2021, CLIPScore, arXiv 2104.08718, with torchmetrics' scale), averaged.
 
-Inception and the LPIPS backbone load from local files only (``weights.*``); a missing file stops the run with a
-message naming it.
+Feature space (``metrics.extractor``): ``world_clip`` (the toolkit's world CLIP, ``core/models/world_clip``; the
+default on ``dataset=synthetic``, where no Inception weights can exist) or ``inception`` (torchvision Inception-v3
+from a local file, the default on real data). IS uses the extractor's class probabilities: Inception's 1000 ImageNet
+classes, or the world CLIP's zero-shot (product, state) classes. Values in the two spaces are not comparable.
+Inception, LPIPS's backbone and a real CLIP load from local files only (``weights.*``, ``metrics.clip_path``); a
+missing file stops the run with a message naming it.
 """
 from __future__ import annotations
 
@@ -17,15 +25,61 @@ from collections import defaultdict
 from pathlib import Path
 
 import numpy as np
+import torch
 from omegaconf import DictConfig
 
 from core.data import DatasetError, apply_split, load_from_config
-from core.metrics.generation import ICLPIPSVariant, extract, ic_lpips, inception_score_from_logits, kid, lpips_distance
+from core.metrics.generation import (ICLPIPSVariant, extract, fid, ic_lpips, inception_score_from_logits, kid,
+                                     lpips_distance)
 
 from . import tables
 from .data import ImagePool, load_generated
 
-COLUMNS = {"is": "IS", "ic_lpips": "IC-LPIPS", "ic_lpips_anomaly": "IC-LPIPS(a)", "kid": "KID"}
+COLUMNS = {"is": "IS", "ic_lpips": "IC-LPIPS", "ic_lpips_anomaly": "IC-LPIPS(a)", "kid": "KID", "fid": "FID",
+           "fid_anomaly": "FID(a)", "clip_score": "CLIP score"}
+DEFAULT_METRICS = {"world_clip": ["is", "fid", "kid", "fid_anomaly", "clip_score"],
+                   "inception": ["is", "ic_lpips", "ic_lpips_anomaly", "kid"]}
+
+
+def metric_settings(cfg: DictConfig) -> tuple[list[str], str]:
+    """(metric names, extractor) after the dataset-dependent defaults: world CLIP on the synthetic world."""
+    m = cfg.metrics
+    extractor = m.get("extractor") or ("world_clip" if cfg.dataset.name == "synthetic" else "inception")
+    if extractor not in DEFAULT_METRICS:
+        raise ValueError(f"metrics.extractor={extractor}: choose world_clip or inception.")
+    names = list(m.get("names") or DEFAULT_METRICS[extractor])
+    unknown = [n for n in names if n not in COLUMNS]
+    if unknown:
+        raise ValueError(f"metrics.names={unknown}: choose from {', '.join(COLUMNS)}.")
+    if "fid_anomaly" in names and cfg.dataset.name != "synthetic":
+        raise ValueError("metrics.names has fid_anomaly, whose reference is the synthetic world's oracle; "
+                         f"dataset={cfg.dataset.name} has none. Fix: drop fid_anomaly.")
+    return names, extractor
+
+
+def load_extractor(cfg: DictConfig, extractor: str, clip=None):
+    """The feature module ``(features, logits)``: Inception from ``weights.inception`` or the (world) CLIP."""
+    if extractor == "inception":
+        from core.metrics.extractors import InceptionFeatures
+        return InceptionFeatures(cfg.weights.get("inception"), "weights.inception")
+    from core.models.world_clip import ClipFeatures
+    return ClipFeatures(clip or _clip(cfg))
+
+
+def _clip(cfg: DictConfig):
+    from core.models.world_clip import load_clip
+    return load_clip(cfg.metrics.get("clip_path"), "metrics.clip_path")
+
+
+@torch.no_grad()
+def clip_score(encoder, images, prompts) -> float:
+    """Mean of 100 * max(cos(image, text), 0) over pairs (CLIPScore with torchmetrics' scale)."""
+    scores = []
+    for i in range(0, len(images), 64):
+        img = encoder.image_embeds(images[i:i + 64])
+        txt = encoder.text_embeds(list(prompts[i:i + 64]))
+        scores.append((100 * (img * txt).sum(1)).clamp(min=0))
+    return float(torch.cat(scores).mean())
 
 
 def _images(samples, size=None):
@@ -40,12 +94,10 @@ def _native(samples) -> int:
     return min(image_size(samples[0].path))
 
 
-def eval_generation(cfg: DictConfig, run_dir: Path, inception=None, lpips_model=None) -> Path:
+def eval_generation(cfg: DictConfig, run_dir: Path, extractor=None, lpips_model=None, clip=None) -> Path:
+    """``extractor`` / ``lpips_model`` / ``clip`` (a ClipEncoder) replace the loaded models (tests pass tiny ones)."""
     run_dir = Path(run_dir)
-    wanted = list(cfg.metrics)
-    unknown = [m for m in wanted if m not in COLUMNS]
-    if unknown:
-        raise ValueError(f"metrics={unknown}: choose from {', '.join(COLUMNS)}.")
+    wanted, extractor_name = metric_settings(cfg)
     gen_root = Path(cfg.generated).expanduser()
     if not gen_root.is_dir():
         raise DatasetError(f"generated={gen_root} is not a directory. Fix: pass the out_dir of scripts/generate.py.")
@@ -56,11 +108,13 @@ def eval_generation(cfg: DictConfig, run_dir: Path, inception=None, lpips_model=
     split_node = dict(cfg.split)
     split = apply_split(table, split_node.pop("name"), **split_node)
     types = {p: sorted({s.anomaly_type for s in table if s.product == p and s.label == 1}) for p in products}
-    generated = load_generated(gen_root, products, types, need_anomalies=any(m != "kid" for m in wanted),
-                               need_normals="kid" in wanted)
-    if inception is None and ({"is", "kid"} & set(wanted)):
-        from core.metrics.extractors import InceptionFeatures
-        inception = InceptionFeatures(cfg.weights.get("inception"), "weights.inception")
+    generated = load_generated(gen_root, products, types,
+                               need_anomalies=any(m not in ("kid", "fid") for m in wanted),
+                               need_normals=bool({"kid", "fid"} & set(wanted)))
+    if "clip_score" in wanted and clip is None:
+        clip = _clip(cfg)
+    if extractor is None and ({"is", "kid", "fid", "fid_anomaly"} & set(wanted)):
+        extractor = load_extractor(cfg, extractor_name, clip if extractor_name == "world_clip" else None)
     variant = ICLPIPSVariant(**dict(cfg.get("ic_lpips_variant") or {}))
     if lpips_model is None and ({"ic_lpips", "ic_lpips_anomaly"} & set(wanted)):
         from core.metrics.extractors import load_lpips
@@ -74,7 +128,7 @@ def eval_generation(cfg: DictConfig, run_dir: Path, inception=None, lpips_model=
         row = results[p]
         if "is" in wanted:
             x, _ = _images(gen_anom)
-            _, logits = extract(inception, x)
+            _, logits = extract(extractor, x)
             row["is"] = inception_score_from_logits(logits, splits=min(10, len(x)))[0]
         for metric in ("ic_lpips", "ic_lpips_anomaly"):
             if metric not in wanted:
@@ -92,25 +146,42 @@ def eval_generation(cfg: DictConfig, run_dir: Path, inception=None, lpips_model=
                     gx, rx = gx * gm, rx * rm
                 per_type.append(ic_lpips(gx, rx, dist, variant).value)
             row[metric] = float(np.mean(per_type)) if per_type else None
-        if "kid" in wanted:
+        if {"kid", "fid"} & set(wanted):
             fake = [s for s in generated if s.product == p and s.label == 0]
             real = [s for s in split.train if s.product == p and s.label == 0]
             size = _native(real)
-            fr, _ = extract(inception, _images(real, size)[0])
-            ff, _ = extract(inception, _images(fake, size)[0])
-            k = kid(fr, ff)
-            row["kid"] = k.mean
-            if k.shrunk:
-                notes.append(f"{p}: KID subset size shrunk to {k.subset_size} (real {len(real)}, generated {len(fake)}).")
+            fr, _ = extract(extractor, _images(real, size)[0])
+            ff, _ = extract(extractor, _images(fake, size)[0])
+            if "kid" in wanted:
+                k = kid(fr, ff)
+                row["kid"] = k.mean
+                if k.shrunk:
+                    notes.append(f"{p}: KID subset size shrunk to {k.subset_size} (real {len(real)}, "
+                                 f"generated {len(fake)}).")
+            if "fid" in wanted:
+                row["fid"] = fid(fr, ff)
+        if "fid_anomaly" in wanted:
+            ref = _oracle_anomalies(cfg, p, gen_anom)
+            size = _native(ref)
+            row["fid_anomaly"] = fid(extract(extractor, _images(ref, size)[0])[0],
+                                     extract(extractor, _images(gen_anom, size)[0])[0])
+        if "clip_score" in wanted:
+            from core.models.world_clip import state_prompt
+            x, _ = _images(gen_anom)
+            row["clip_score"] = clip_score(clip, x, [state_prompt(p, s.anomaly_type) for s in gen_anom])
     avg = {m: float(np.mean([results[p][m] for p in products if results[p].get(m) is not None]))
            for m in wanted if any(results[p].get(m) is not None for p in products)}
     header = ["Category"] + [COLUMNS[m] for m in wanted]
-    fmt = lambda m, v: "-" if v is None else (f"{v:.4f}" if m == "kid" else f"{v:.2f}")  # noqa: E731
+    fmt = lambda m, v: "-" if v is None else (f"{v:.4f}" if m in ("kid", "fid", "fid_anomaly") else f"{v:.2f}")  # noqa: E731
     rows = [[p] + [fmt(m, results[p].get(m)) for m in wanted] for p in products]
     rows.append([tables.AVERAGE] + [fmt(m, avg.get(m)) for m in wanted])
     for label, per in tables.load_paper("seas_tab1", cfg.dataset.name, percent=False).items():
         rows.append([f"{label} ({tables.AVERAGE})"] + [fmt(m, per[tables.AVERAGE].get(m)) for m in wanted])
+    space = ("world-CLIP image embeddings (core/models/world_clip; 128-d, unit length), IS over its zero-shot "
+             "(product, state) classes" if extractor_name == "world_clip" else "Inception-v3 pool features / logits")
     text = (f"# Generation quality of {gen_root} (dataset {cfg.dataset.name})\n\n"
+            f"Feature space of IS / FID / KID: {space}. FID(a): generated anomalies vs as many real anomalies of the "
+            f"same types from the synthetic world's oracle stream. "
             f"IC-LPIPS variant: {variant}. Real targets: the split's training anomalies ({cfg.split.name}). "
             f"Rows 'paper: ...' are SeaS Tab. 1 (segmentation/paper_results/seas_tab1.csv) where the dataset matches.\n\n"
             + tables.markdown(header, rows) + ("\n" + "\n".join(notes) + "\n" if notes else ""))
@@ -118,3 +189,22 @@ def eval_generation(cfg: DictConfig, run_dir: Path, inception=None, lpips_model=
     path = tables.write_text(run_dir / "generation.md", text)
     print(text)
     return path
+
+
+def _oracle_anomalies(cfg: DictConfig, product: str, generated) -> list:
+    """Real anomalies from the world's oracle stream, as many per type as were generated (the FID(a) reference)."""
+    from collections import Counter
+
+    from core.data import load_folder
+
+    from .data import oracle_tree
+
+    counts = Counter(s.anomaly_type for s in generated)
+    root = Path(cfg.dataset.root).expanduser().parent / "oracle" / f"seed{cfg.dataset.seed}_res{cfg.dataset.resolution}"
+    oracle_tree(root, product, sorted(counts), max(counts.values()), seed=int(cfg.dataset.seed),
+                resolution=int(cfg.dataset.resolution))
+    by_type: dict = defaultdict(list)
+    for s in sorted(load_folder(root, [product]), key=lambda s: s.path):
+        if s.label == 1:
+            by_type[s.anomaly_type].append(s)
+    return [s for t, n in counts.items() for s in by_type[t][:n]]

@@ -327,8 +327,8 @@ def test_eval_generation_writes_a_per_product_table(world, tmp_path):
     with initialize_config_dir(config_dir=CONFIGS, version_base="1.3"):
         cfg = compose(config_name="eval_generation",
                       overrides=[f"dataset.root={w}", "dataset.resolution=64", f"generated={gen}",
-                                 "ic_lpips_variant.resize=null"])
-    md = eval_generation(cfg, tmp_path, inception=_TinyInception(), lpips_model=_L1()).read_text()
+                                 "ic_lpips_variant.resize=null", "metrics.extractor=inception"])
+    md = eval_generation(cfg, tmp_path, extractor=_TinyInception(), lpips_model=_L1()).read_text()
     lines = [line for line in md.splitlines() if line.startswith("| ")]
     assert lines[0] == "| Category | IS | IC-LPIPS | IC-LPIPS(a) | KID |"
     assert [line.split(" | ")[0][2:] for line in lines[1:]] == ["bottle", "pill", "Average"]
@@ -343,3 +343,49 @@ def test_generation_paper_numbers_load_as_printed():
     paper = tables.load_paper("seas_tab1", "mvtec_ad", percent=False)
     assert paper["paper: SeaS"]["Average"] == {"is": 1.88, "ic_lpips": 0.34, "kid": 0.04, "ic_lpips_anomaly": 0.18}
     assert "kid" not in paper["paper: AnomalyDiffusion"]["Average"]  # not reported ("-") stays absent
+
+
+def test_eval_generation_on_the_synthetic_world_uses_the_world_clip(world, tmp_path):
+    """Default metrics on dataset=synthetic: IS / FID / KID / FID(a) in a CLIP's feature space and the CLIP score.
+    Generated normals that are copies of the real training normals have FID and KID ~0."""
+    import shutil
+
+    from core.models.world_clip import ClipEncoder, build_world_clip
+    from segmentation.generation_eval import eval_generation
+
+    w, gen = world
+    copy = tmp_path / "gen"
+    shutil.copytree(gen, copy)
+    for p in PRODUCTS:
+        shutil.rmtree(copy / p / "train" / "good")
+        shutil.copytree(w / p / "train" / "good", copy / p / "train" / "good")
+    arch = {"image_size": 64, "patch_size": 16, "max_length": 24, "projection_dim": 8,
+            "vision": {"hidden_size": 16, "intermediate_size": 32, "num_hidden_layers": 1, "num_attention_heads": 2},
+            "text": {"hidden_size": 16, "intermediate_size": 32, "num_hidden_layers": 1, "num_attention_heads": 2}}
+    model, tok = build_world_clip(arch)
+    clip = ClipEncoder(model.eval(), tok, 64)
+    with initialize_config_dir(config_dir=CONFIGS, version_base="1.3"):
+        cfg = compose(config_name="eval_generation",
+                      overrides=[f"dataset.root={w}", "dataset.resolution=64", f"generated={copy}"])
+    md = eval_generation(cfg, tmp_path / "run", clip=clip).read_text()
+    assert "world-CLIP" in md
+    lines = [line for line in md.splitlines() if line.startswith("| ")]
+    assert lines[0] == "| Category | IS | FID | KID | FID(a) | CLIP score |"
+    for line in lines[1:3]:
+        cells = [float(c) for c in line.strip("| ").split(" | ")[1:]]
+        assert cells[0] >= 1.0 and abs(cells[1]) < 1e-3 and abs(cells[2]) < 1e-3  # identical normals: FID, KID ~0
+        assert cells[3] > 1e-3 and 0 <= cells[4] <= 100  # FID(a): other real defects, not the same images
+
+
+def test_clip_score_is_100_times_the_clipped_cosine():
+    from segmentation.generation_eval import clip_score
+
+    class Fixed:
+        def image_embeds(self, x):
+            return torch.tensor([[1.0, 0.0], [0.0, 1.0], [0.6, 0.8]])[: len(x)]
+
+        def text_embeds(self, prompts):
+            return torch.tensor([[0.6, 0.8], [0.0, -1.0], [0.6, 0.8]])[: len(prompts)]
+
+    # cosines 0.6, -1 (clipped to 0), 1.0 -> mean 100 * 1.6 / 3
+    assert clip_score(Fixed(), torch.zeros(3, 3, 8, 8), ["a", "b", "c"]) == pytest.approx(100 * 1.6 / 3)

@@ -68,3 +68,44 @@ def test_killed_and_resumed_training_matches_an_uninterrupted_run(tmp_path):
         for (k, va), vb in zip(ma.state_dict().items(), mb.state_dict().values()):
             assert torch.equal(va, vb), k
     assert not torch.equal(a.unet.conv_in.weight, build_random("tiny", seed=0).unet.conv_in.weight)  # it trained
+
+
+def test_corpus_v2_has_every_product_and_no_defect_of_a_benchmark_product(tmp_path):
+    """From the manifest of the configured corpus (counts scaled down): normals of all 13 products, defects of the
+    pretraining products only; every manifest line re-renders to its corpus image."""
+    import numpy as np
+
+    from core.data.synthetic import (ALL_PRODUCTS, BENCHMARK_PRODUCTS, PRETRAIN_PRODUCTS, Appearance, render,
+                                     sample_rng)
+    from core.models.pretrain import render_corpus, write_manifest
+
+    c = OmegaConf.to_container(OmegaConf.load("configs/pretrain_prior.yaml"))["corpus"]
+    pool = render_corpus(tuple(c["normal_products"]), tuple(c["defect_products"]), 2, 4, 64, seed=0,
+                         appearance=c["appearance"], keep=c["keep_benchmark"])
+    sha = write_manifest(pool, tmp_path / "manifest.jsonl")
+    entries = [json.loads(line) for line in (tmp_path / "manifest.jsonl").read_text().splitlines()]
+    assert len(entries) == len(pool.images) == 13 * 2 + 8 * 4 and len(sha) == 64
+    assert {e["product"] for e in entries if e["defect"] is None} == set(ALL_PRODUCTS)
+    assert {e["product"] for e in entries if e["defect"] is not None} == set(PRETRAIN_PRODUCTS)
+    assert not any(e["product"] in BENCHMARK_PRODUCTS for e in entries if e["defect"] is not None)
+    assert sum(e["appearance"] is not None and Appearance.from_dict(e["appearance"]).posed for e in entries) > 20
+    for k in (0, 7, 30, len(entries) - 1):
+        e = entries[k]
+        app = None if e["appearance"] is None else Appearance.from_dict(e["appearance"])
+        img = render(e["product"], sample_rng(e["seed"], e["product"], e["stream"], e["defect"] or "good", e["index"]),
+                     64, e["defect"], app).image
+        assert np.array_equal(img, pool.images[k])
+
+
+def test_corpus_refuses_a_benchmark_product_among_the_defects():
+    import pytest
+
+    from core.models.pretrain import render_corpus
+    with pytest.raises(ValueError, match=r"benchmark product\(s\) \['pill'\]"):
+        render_corpus(("screw", "pill"), ("screw", "pill"), 1, 1, 64, seed=0)
+
+
+def test_the_world_clip_trains_on_the_prior_corpus():
+    prior = OmegaConf.load("configs/pretrain_prior.yaml").corpus
+    clip = OmegaConf.load("configs/world_clip.yaml").corpus
+    assert OmegaConf.to_container(prior) == OmegaConf.to_container(clip)

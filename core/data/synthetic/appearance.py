@@ -46,6 +46,11 @@ class Appearance:
     noise_sigma: float = 0.012              # sensor noise; 0.012 is the benchmark's
     grayscale: bool | None = None           # None: the product's own mode
 
+    @classmethod
+    def from_dict(cls, d: dict) -> "Appearance":
+        """Inverse of ``dataclasses.asdict`` (JSON turns the tuples into lists)."""
+        return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in d.items()})
+
     @property
     def posed(self) -> bool:
         return (self.scale, self.angle, self.shift) != (1.0, 0.0, (0.0, 0.0))

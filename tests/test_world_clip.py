@@ -1,0 +1,130 @@
+"""The world CLIP: its contrastive loss on hand-worked values, the CLIPModel layout round trip, resuming, and a tiny
+model that learns to tell two products apart zero-shot."""
+import math
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from core.data import synthetic as S
+from core.models.world_clip import (ClipEncoder, ClipFeatures, build_world_clip, clip_loss, embed_images, load_clip,
+                                    save_clip, state_prompt, train_world_clip, world_classes, zero_shot_defect_scores,
+                                    zero_shot_products)
+
+TINY = {"image_size": 64, "patch_size": 16, "max_length": 24, "projection_dim": 16,
+        "vision": {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 2},
+        "text": {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1, "num_attention_heads": 2}}
+
+
+def _encoder(seed=0):
+    model, tok = build_world_clip(TINY, seed=seed)
+    return ClipEncoder(model, tok, TINY["image_size"])
+
+
+def test_clip_loss_with_distinct_labels_is_clips_symmetric_cross_entropy():
+    g = torch.Generator().manual_seed(0)
+    img, txt = F.normalize(torch.randn(3, 5, generator=g), dim=1), F.normalize(torch.randn(3, 5, generator=g), dim=1)
+    scale = torch.tensor(math.log(10.0))
+    logits = 10.0 * img @ txt.T
+    ref = (F.cross_entropy(logits, torch.arange(3)) + F.cross_entropy(logits.T, torch.arange(3))) / 2
+    assert torch.allclose(clip_loss(img, txt, torch.tensor([0, 1, 2]), scale), ref)
+
+
+def test_clip_loss_targets_every_item_of_the_same_class():
+    """Labels [0, 0, 1, 2]: the targets of rows 0 and 1 are (1/2, 1/2, 0, 0), of rows 2 and 3 one-hot."""
+    g = torch.Generator().manual_seed(3)
+    img, txt = F.normalize(torch.randn(4, 3, generator=g), dim=1), F.normalize(torch.randn(4, 3, generator=g), dim=1)
+    L = 2.0 * img @ txt.T
+    T = torch.tensor([[0.5, 0.5, 0, 0], [0.5, 0.5, 0, 0], [0, 0, 1.0, 0], [0, 0, 0, 1.0]])
+    i2t = -(T * torch.log_softmax(L, 1)).sum(1).mean()
+    t2i = -(T * torch.log_softmax(L.T, 1)).sum(1).mean()
+    got = clip_loss(img, txt, torch.tensor([0, 0, 1, 2]), torch.tensor(math.log(2.0)))
+    assert torch.allclose(got, (i2t + t2i) / 2)
+    assert not torch.allclose(i2t, t2i, atol=1e-3)  # the two directions differ: a transposed softmax would show
+    # a one-hot target would punish the equal captions of items 0 and 1 as negatives: a different value
+    onehot = (F.cross_entropy(L, torch.arange(4)) + F.cross_entropy(L.T, torch.arange(4))) / 2
+    assert not torch.allclose(got, onehot, atol=1e-3)
+
+
+def test_world_clip_saves_in_clipmodel_layout_and_reloads(tmp_path):
+    from transformers import CLIPModel
+
+    enc = _encoder()
+    save_clip(enc, tmp_path / "clip")
+    assert (tmp_path / "clip" / "model.safetensors").is_file()
+    assert (tmp_path / "clip" / "preprocessor_config.json").is_file()
+    assert isinstance(CLIPModel.from_pretrained(tmp_path / "clip", local_files_only=True), CLIPModel)
+    back = load_clip(tmp_path / "clip")
+    x = torch.rand(3, 3, 80, 72)  # resized to the model's 64 px
+    with torch.no_grad():
+        assert torch.allclose(enc.eval().image_embeds(x), back.image_embeds(x), atol=1e-6)
+        assert torch.allclose(enc.text_embeds(["a photo of a bottle"]), back.text_embeds(["a photo of a bottle"]),
+                              atol=1e-6)
+
+
+def test_missing_clip_directory_says_what_to_do(tmp_path):
+    from core.models import ModelNotFoundError
+    with pytest.raises(ModelNotFoundError, match="config.json.*metrics.clip_path"):
+        load_clip(tmp_path / "nothing")
+
+
+def test_clip_features_are_unit_embeddings_and_scaled_zero_shot_logits():
+    enc = _encoder().eval()
+    classes = world_classes(("bottle", "screw"))
+    assert classes[0] == ("bottle", "good") and len(classes) == 2 + len(S.PRODUCTS["bottle"].defects) + \
+        len(S.PRODUCTS["screw"].defects)
+    feats = ClipFeatures(enc, classes)
+    x = torch.rand(4, 3, 64, 64)
+    f, logits = feats(x)
+    assert f.shape == (4, 16) and logits.shape == (4, len(classes))
+    assert torch.allclose(f.norm(dim=1), torch.ones(4), atol=1e-5)
+    text = enc.class_embeds([[state_prompt(p, s)] for p, s in classes])
+    assert torch.allclose(logits, enc.logit_scale * f @ text.T, atol=1e-5)
+    assert state_prompt("metal_nut", "bent") == "a photo of a metal nut with a bent part"
+
+
+def _pool(n, res=64, web=True):
+    imgs, prods, defs = [], [], []
+    for p in ("bottle", "grid"):
+        for i in range(n):
+            d = None if i % 2 == 0 else S.PRODUCTS[p].defects[i % 3]
+            r = S.render_web(p, 5, d or "good", i, res)[0] if web else \
+                S.render(p, S.sample_rng(5, p, "prior", d or "good", i), res, d)
+            imgs.append(r.image), prods.append(p), defs.append(d)
+    return np.stack(imgs), prods, defs
+
+
+def test_resumed_training_matches_an_uninterrupted_run(tmp_path):
+    imgs, prods, defs = _pool(4)
+    cfg = {"steps": 4, "batch": 4, "lr": 1e-3, "warmup": 1, "checkpoint_every": 2}
+
+    def run(work, stop):
+        work.mkdir()
+        if stop:
+            train_world_clip(_encoder(), imgs, prods, defs, {**cfg, "stop_after": 2}, work, seed=0)
+        enc = _encoder()  # a fresh process: only the checkpoint survives
+        train_world_clip(enc, imgs, prods, defs, cfg, work, seed=0)
+        return enc
+
+    a, b = run(tmp_path / "a", False), run(tmp_path / "b", True)
+    for (k, va), vb in zip(a.model.state_dict().items(), b.model.state_dict().values()):
+        assert torch.equal(va, vb), k
+    assert not torch.equal(a.model.visual_projection.weight, _encoder().model.visual_projection.weight)
+
+
+def test_a_tiny_world_clip_learns_products_zero_shot(tmp_path):
+    """Trained on renders of a bottle and a grid, it names the product of unseen test renders."""
+    torch.manual_seed(0)
+    imgs, prods, defs = _pool(24, web=False)
+    enc = _encoder()
+    train_world_clip(enc, imgs, prods, defs, {"steps": 80, "batch": 16, "lr": 2e-3, "warmup": 5,
+                                              "checkpoint_every": 1000}, tmp_path, seed=0)
+    test = [S.render(p, S.sample_rng(0, p, "test", "good", i), 64).image for p in ("bottle", "grid") for i in range(8)]
+    x = torch.from_numpy(np.stack(test)).permute(0, 3, 1, 2).float() / 255
+    with torch.no_grad():
+        emb = embed_images(enc, x)
+        pred = zero_shot_products(enc, emb, ("bottle", "grid"))
+        p_damaged = zero_shot_defect_scores(enc, emb, "bottle")
+    assert (pred == torch.tensor([0] * 8 + [1] * 8)).float().mean() >= 0.9
+    assert p_damaged.shape == (16,) and ((p_damaged >= 0) & (p_damaged <= 1)).all()
