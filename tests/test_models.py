@@ -1,5 +1,6 @@
 """Model loading: the locally built tokenizer, placeholder tokens, save/load round trip, clear errors, the prior."""
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -112,3 +113,20 @@ def test_shipped_mini_prior_loads_offline_and_denoises():
         zt = comp.scheduler.add_noise(z0, eps, t)
         pred = comp.unet(zt, t, comp.encode_prompt(["a photo of a screw"])).sample
     assert ((pred - eps) ** 2).mean() < 0.5 * (eps ** 2).mean()
+
+
+def test_mini_v1_stays_loadable_by_name_for_comparison():
+    """model=mini_v1 loads the first prior (shipped in core/models/mini_prior_v1), a different model from v2."""
+    from hydra import compose, initialize_config_dir
+
+    from core.models.loading import MINI_PRIOR_DIRS
+
+    with initialize_config_dir(config_dir=str(Path("configs").resolve()), version_base="1.3"):
+        cfg = compose(config_name="train", overrides=["model=mini_v1"])
+    v1 = load_model(cfg.model)
+    assert v1.source["path"] == str(MINI_PRIOR_DIRS[1]) and v1.resolution == 128
+    v2 = load_model({"kind": "mini"})
+    assert v2.source["path"] == str(MINI_PRIOR_DIRS[2])
+    assert not torch.equal(v1.unet.conv_in.weight, v2.unet.conv_in.weight)
+    with pytest.raises(ValueError, match="Unknown mini prior version 7"):
+        load_model({"kind": "mini", "version": 7})

@@ -128,3 +128,22 @@ def test_a_tiny_world_clip_learns_products_zero_shot(tmp_path):
         p_damaged = zero_shot_defect_scores(enc, emb, "bottle")
     assert (pred == torch.tensor([0] * 8 + [1] * 8)).float().mean() >= 0.9
     assert p_damaged.shape == (16,) and ((p_damaged >= 0) & (p_damaged <= 1)).all()
+
+
+def test_prior_evaluation_runs_on_tiny_models_and_reports_each_number():
+    from core.models import build_random
+    from core.models.prior_eval import evaluate_prior
+
+    comp = build_random("tiny", seed=0)
+    enc = _encoder().eval()
+    real = {"bottle": torch.from_numpy(np.stack([S.render("bottle", S.sample_rng(0, "bottle", "train", "good", i), 64)
+                                                 .image for i in range(4)])).permute(0, 3, 1, 2).float() / 255}
+    out = evaluate_prior(comp, enc, real, n_per_product=3, n_per_defect=2, steps=2, products=("bottle", "screw"),
+                         held_out=("bottle",), resolution=64)
+    b = out["per_product"]["bottle"]
+    assert set(b["damaged_share_defect_prompt"]) == set(S.PRODUCTS["bottle"].defects)
+    for key in ("world_fid", "world_fid_real_benchmark_look", "world_fid_real_web_look"):
+        assert b[key] >= 0
+    assert 0 <= b["product_accuracy"] <= 1 and "world_fid" not in out["per_product"]["screw"]
+    assert out["product_accuracy_mean"] == pytest.approx(
+        (b["product_accuracy"] + out["per_product"]["screw"]["product_accuracy"]) / 2)

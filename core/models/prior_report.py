@@ -1,6 +1,7 @@
-"""Report of a pretrained mini prior: VAE reconstruction error on held-out products and a sample grid.
+"""Report of a pretrained mini prior: VAE reconstruction error on held-out products, a sample grid, and what the world
+CLIP says about its samples (``prior_eval``), beside the shipped v1 for comparison.
 
-Written beside the prior (``report.json``, ``sample_grid.png``) so the model card can point at them.
+Written beside the prior (``report.json``, ``sample_grid.png``, ``README.md``) so the model card can point at them.
 """
 from __future__ import annotations
 
@@ -23,7 +24,7 @@ DEBUG_OVERRIDES = {
                "normal_per_product": 3, "defect_per_product": 3},
     "vae": {"steps": 3, "batch": 2, "crop": 32, "warmup": 1},
     "unet": {"steps": 3, "batch": 2, "warmup": 1},
-    "report": {"held_out_images": 2, "sample_steps": 2, "samples_per_prompt": 1},
+    "report": {"held_out_images": 2, "sample_steps": 2, "samples_per_prompt": 1, "clip_eval": {"enabled": False}},
 }
 
 
@@ -81,6 +82,9 @@ def write_report(cfg: dict, out_dir: Path, work_dir: Path) -> dict:
     report["sample_grid_layout"] = ("one row per prompt; first column: a real render of the product (with the "
                                     "product's first defect type for defect prompts), then samples (DDIM "
                                     f"{rcfg['sample_steps']} steps, CFG {rcfg['guidance']})")
+    ce = rcfg.get("clip_eval") or {}
+    if ce.get("enabled"):
+        report["clip_eval"] = clip_evaluation(cfg, comp)
     report["report_seconds"] = time.perf_counter() - t0
     training = work_dir / "training_report.json"
     if training.is_file():
@@ -92,8 +96,61 @@ def write_report(cfg: dict, out_dir: Path, work_dir: Path) -> dict:
     return report
 
 
+def clip_evaluation(cfg: dict, comp) -> dict:
+    """``prior_eval.evaluate_prior`` for this prior and for each shipped version in ``clip_eval.compare``."""
+    from .loading import load_model
+    from .prior_eval import evaluate_prior, load_real_normals
+    from .world_clip import load_clip
+
+    ce = cfg["report"]["clip_eval"]
+    clip = load_clip(ce.get("clip_path"), "report.clip_eval.clip_path")
+    real = load_real_normals(ce["dataset_root"], BENCHMARK_PRODUCTS, int(ce.get("world_seed", 0)), cfg["resolution"])
+    kw = dict(n_per_product=int(ce["n_per_product"]), n_per_defect=int(ce["n_per_defect"]), steps=int(ce["steps"]),
+              guidance=float(cfg["report"]["guidance"]), seed=int(cfg["seed"]), resolution=int(cfg["resolution"]))
+    out = {f"v{cfg.get('version', 2)}": evaluate_prior(comp, clip, real, **kw)}
+    for v in ce.get("compare") or []:
+        out[f"v{v}"] = evaluate_prior(load_model({"kind": "mini", "version": int(v)}), clip, real, **kw)
+    return out
+
+
 def _params(m: torch.nn.Module) -> str:
     return f"{sum(p.numel() for p in m.parameters()) / 1e6:.2f} M"
+
+
+def _clip_tables(report: dict, version: str) -> str:
+    ce = report.get("clip_eval")
+    if not ce:
+        return "Not computed (`report.clip_eval.enabled=false`, or no world CLIP)."
+    versions = [version] + [v for v in ce if v != version]
+    pct = lambda v: "n/a" if v is None else f"{100 * v:.0f}"  # noqa: E731
+    num = lambda v: "n/a" if v is None else f"{v:.3f}"  # noqa: E731
+    s0 = ce[version]["samples"]
+    head = " | ".join(versions)
+    lines = [f"{s0['n_per_product']} samples per product prompt, {s0['n_per_defect']} per defect prompt, {s0['sampler']} "
+             f"{s0['steps']} steps, CFG {s0['guidance']}; judged by the world CLIP (`core/models/world_clip`).", "",
+             "**Product named by the prompt \"a photo of a <product>\": share of samples the world CLIP classifies as "
+             "that product (13-way), and share it calls damaged (false alarms)**", "",
+             f"| product | group | product accuracy (%): {head} | called damaged (%): {head} |", "|---|---|---|---|"]
+    for p in ce[version]["per_product"]:
+        group = "held out" if p in BENCHMARK_PRODUCTS else "pretraining"
+        acc = " / ".join(pct(ce[v]["per_product"].get(p, {}).get("product_accuracy")) for v in versions)
+        dam = " / ".join(pct(ce[v]["per_product"].get(p, {}).get("damaged_share_normal_prompt")) for v in versions)
+        lines.append(f"| {p} | {group} | {acc} | {dam} |")
+    lines.append(f"| **mean** | | {' / '.join(pct(ce[v]['product_accuracy_mean']) for v in versions)} | |")
+    lines += ["", "**Held-out products: world-FID of \"a photo of a <product>\" samples against the benchmark's real "
+              "train/good (lower is closer), with two real references at the same sample count; share of \"a photo "
+              "of a <product> with <defect>\" samples the world CLIP calls damaged**", "",
+              f"| product | world-FID: {head} | real, benchmark look (floor) | real, web look | "
+              f"defect prompts called damaged (%): {head} |", "|---|---|---|---|---|"]
+    for p in BENCHMARK_PRODUCTS:
+        r = ce[version]["per_product"].get(p, {})
+        if "world_fid" not in r:
+            continue
+        f = " / ".join(num(ce[v]["per_product"].get(p, {}).get("world_fid")) for v in versions)
+        d = " / ".join(pct(ce[v]["per_product"].get(p, {}).get("damaged_share_defect_prompt_mean")) for v in versions)
+        lines.append(f"| {p} | {f} | {num(r.get('world_fid_real_benchmark_look'))} | "
+                     f"{num(r.get('world_fid_real_web_look'))} | {d} |")
+    return "\n".join(lines)
 
 
 def model_card(cfg: dict, report: dict, comp) -> str:
@@ -102,11 +159,16 @@ def model_card(cfg: dict, report: dict, comp) -> str:
     held = report["vae_reconstruction_held_out"]
     pre = report["vae_reconstruction_pretraining"]
     rows = "\n".join(f"| {p} | {v['mse']:.5f} | {v['psnr']:.2f} |" for p, v in held.items() if p != "mean")
-    minutes = lambda s: f"{s / 60:.1f} min" if s else "n/a"
-    return f"""# Mini prior (model card)
+    minutes = lambda s: f"{s / 60:.1f} min" if s else "n/a"  # noqa: E731
+    c = cfg["corpus"]
+    version = f"v{cfg.get('version', 2)}"
+    config_name = "pretrain_prior" if version == "v2" else f"pretrain_prior_{version}"
+    return f"""# Mini prior {version} (model card)
 
 Small models of Stable Diffusion's classes, trained from scratch by this toolkit so that its methods have a
-pretrained text-to-image prior on a machine without downloads. It plays the part of SD v1.x in the synthetic world.
+pretrained text-to-image prior on a machine without downloads. It plays the part of SD v1.x in the synthetic world:
+like SD, it has seen ordinary photos of every product (bottles, pills, cables, carpets, leather, ...) and has never
+seen a defective bottle, pill, cable, carpet or leather; few-shot methods must learn those defects.
 
 | part | class | size |
 |---|---|---|
@@ -116,35 +178,41 @@ pretrained text-to-image prior on a machine without downloads. It plays the part
 | schedule | `DDPMScheduler`, SD v1's scaled-linear betas (0.00085-0.012), 1000 steps, epsilon prediction | |
 
 Images: {cfg['resolution']} x {cfg['resolution']} RGB, latents {comp.latent_size} x {comp.latent_size} x 4. Weights are stored in float16 and
-load as float32 (`load_model({{"kind": "mini"}})`, or `model=mini` in the Hydra configs).
+load as float32 (`model=mini`; the first prior, v1, stays loadable as `model=mini_v1` for comparison).
 
-## Training data
-Renders of the synthetic world's pretraining products only ({', '.join(cfg['products'])}), drawn from the world
-generator's own "prior" stream (never the benchmark tree): {cfg['pool']['normal_per_product']} normal and
-{cfg['pool']['defect_per_product']} defective images per product, defect types in turn. Captions: "a photo of a
-<product>", "a photo of a good <product>", "a photo of a <product> with <defect>", "a photo of a <product> that is
-damaged", "a photo of a damaged / defective <product>", ...; 10 % dropped to "" for classifier-free guidance. The
-benchmark products (bottle, pill, cable, carpet, leather) were never rendered for it: every few-shot or
-training-free result on them is a transfer, as with SD on MVTec.
+## Training data (the corpus)
+Drawn from the synthetic world's generator (streams "prior" and "web"), never from the benchmark tree
+(`core/models/pretrain.py` `render_corpus`; `corpus.json` here lists the counts and the manifest's sha256):
+- normal images of {', '.join(c['normal_products'])}: {c['normal_per_product']} each;
+- defect images of {', '.join(c['defect_products'])} only: {c['defect_per_product']} each, defect types in turn;
+- appearance: `{c['appearance']}`{' (pose, colour and material, background, lighting and noise, colour mode drawn wider than the benchmark; each factor keeps the benchmark look with probability ' + str(c['keep_benchmark']) + ', so the benchmark look is inside the distribution but almost never all of it at once)' if c['appearance'] == 'web' else ' (the benchmark look)'}.
+
+Captions name product and defect: "a photo of a <product>", "a photo of a good <product>", "a photo of a <product>
+with <defect>", "a photo of a damaged / defective <product>", ...; 10 % dropped to "" for classifier-free guidance.
+No defect image of a benchmark product was rendered for it (the corpus refuses one; a test checks the manifest).
 
 ## Reproduce
 ```
-python scripts/pretrain_prior.py                 # trains both stages and writes this directory (resumes if killed)
-python scripts/pretrain_prior.py stage=report    # report.json, sample_grid.png and this card only
+python scripts/pretrain_prior.py{'' if version == 'v2' else ' --config-name ' + config_name}                 # trains both stages and writes this directory (resumes if killed)
+python scripts/pretrain_prior.py{'' if version == 'v2' else ' --config-name ' + config_name} stage=report    # report.json, sample_grid.png and this card only
 ```
-The exact configuration is `config.yaml` here (= `configs/pretrain_prior.yaml`): seed {cfg['seed']}; VAE
+The exact configuration is `config.yaml` here (= `configs/{config_name}.yaml`): seed {cfg['seed']}; VAE
 {cfg['vae']['steps']} steps of batch {cfg['vae']['batch']} random {cfg['vae']['crop']} px crops, L1 + MSE + {cfg['vae']['kl_weight']} KL, AdamW
 {cfg['vae']['lr']}; then text encoder + U-Net jointly, {cfg['unet']['steps']} steps of batch {cfg['unet']['batch']}, AdamW {cfg['unet']['lr']} (text
-{cfg['unet']['text_lr']}), warm-up {cfg['unet']['warmup']} and cosine decay to 10 %, EMA {cfg['unet']['ema']}.
+{cfg['unet']['text_lr']}), warm-up {cfg['unet']['warmup']} and cosine decay to 10 %, EMA {cfg['unet']['ema']}. The report stage needs the
+world CLIP (`python scripts/train_world_clip.py`) for the CLIP evaluation below.
 
 Training time on 2 CPU cores, as logged by the last invocation (a stage resumed from its checkpoint only counts
-the steps it ran): rendering {minutes(tr.get('render_seconds'))}; VAE {tr.get('vae', {}).get('steps_run')} steps in
+the steps it ran): rendering the corpus ({tr.get('pool_images', 'n/a')} images) {minutes(tr.get('render_seconds'))}; VAE {tr.get('vae', {}).get('steps_run')} steps in
 {minutes(tr.get('vae', {}).get('seconds'))}; U-Net + text {tr.get('denoiser', {}).get('steps_run')} steps in
 {minutes(tr.get('denoiser', {}).get('seconds'))}, final loss {tr.get('denoiser', {}).get('final_loss')}.
 {cfg.get('timing_note', '')}
 
+## What it knows, judged by the world CLIP
+{_clip_tables(report, version)}
+
 ## VAE reconstruction on held-out products
-Fresh renders ({cfg['report']['held_out_images']} per product, half defective), images in [0, 1]:
+Fresh benchmark-look renders ({cfg['report']['held_out_images']} per product, half defective), images in [0, 1]:
 
 | product | MSE | PSNR (dB) |
 |---|---|---|
@@ -154,11 +222,11 @@ Fresh renders ({cfg['report']['held_out_images']} per product, half defective), 
 
 ## Samples
 `sample_grid.png`: {report['sample_grid_layout']}.
-Rows 1-8: pretraining products (normal prompt, defect prompt); the rest: held-out products, which the prior has
-never seen; they show what a prompt alone yields before any few-shot fine-tuning.
+The first rows: pretraining products (normal prompt, defect prompt); the rest: held-out products (normal prompt,
+"damaged" prompt): the prior knows the product and has never seen its defects.
 
 ## Limits
-A toy: it knows 8 procedural products and 7 defect kinds at 128 px. It is not a substitute for SD when judging a
+A toy: it knows 13 procedural products and 7 defect kinds at 128 px. It is not a substitute for SD when judging a
 method's absolute quality on real data; it makes the workflows, the relative comparisons and the tests runnable
 on a CPU.
 """

@@ -33,7 +33,7 @@ from ..data.synthetic import ALL_PRODUCTS, PRODUCTS
 from ..io import torch_save
 from .loading import ModelNotFoundError
 from .pretrain import DEFECT_PHRASES, caption, product_words
-from .tokenizer import build_tokenizer, tokenize
+from .tokenizer import build_tokenizer
 
 WORLD_CLIP_DIR = Path(__file__).resolve().parent / "world_clip"
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)  # CLIP's normalisation, kept so a real CLIP is a drop-in
@@ -98,8 +98,11 @@ class ClipEncoder(nn.Module):
         return F.normalize(_tensor(out), dim=-1)
 
     def text_embeds(self, prompts: Sequence[str]) -> torch.Tensor:
-        ids = tokenize(self.tokenizer, prompts).to(self.device)
-        out = self.model.get_text_features(input_ids=ids, attention_mask=(ids != self.tokenizer.pad_token_id).long())
+        # the tokenizer's own attention mask: CLIP pads with its end-of-text token, which must stay visible once
+        tok = self.tokenizer(list(prompts), padding="max_length", max_length=self.tokenizer.model_max_length,
+                             truncation=True, return_tensors="pt")
+        out = self.model.get_text_features(input_ids=tok.input_ids.to(self.device),
+                                           attention_mask=tok.attention_mask.to(self.device))
         return F.normalize(_tensor(out), dim=-1)
 
     @torch.no_grad()
@@ -199,7 +202,11 @@ def train_world_clip(encoder: ClipEncoder, images: np.ndarray, products: Sequenc
     model = encoder.model.train()
     classes = {c: i for i, c in enumerate(sorted({(p, d or "good") for p, d in zip(products, defects)}))}
     labels_all = torch.tensor([classes[(p, d or "good")] for p, d in zip(products, defects)])
-    opt = torch.optim.AdamW(model.parameters(), lr=cfg["lr"], weight_decay=cfg.get("weight_decay", 0.1))
+    # CLIP's recipe: no weight decay on gains, biases and the temperature
+    decay = [p for n, p in model.named_parameters() if p.ndim >= 2 and "logit_scale" not in n]
+    no_decay = [p for n, p in model.named_parameters() if not (p.ndim >= 2 and "logit_scale" not in n)]
+    opt = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.get("weight_decay", 0.1)},
+                             {"params": no_decay, "weight_decay": 0.0}], lr=cfg["lr"])
     sched = torch.optim.lr_scheduler.LambdaLR(opt, _lr(cfg.get("warmup", 100), cfg["steps"]))
     ckpt, start = Path(work_dir) / "clip_state.pt", 0
     if ckpt.is_file():
