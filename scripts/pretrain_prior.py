@@ -1,7 +1,8 @@
 """Pretrain the mini prior (VAE, CLIP text encoder, conditional U-Net) on the synthetic world's pretraining products.
 
     python scripts/pretrain_prior.py                      # reproduces core/models/mini_prior (about 1 h, 2 cores)
-    python scripts/pretrain_prior.py stage=report         # VAE error on held-out products + sample grid
+    python scripts/pretrain_prior.py stage=report         # VAE error, sample grid, world-CLIP evaluation, model card
+    python scripts/pretrain_prior.py stage=card           # the model card again from report.json (no sampling)
     python scripts/pretrain_prior.py smoke=true out_dir=/tmp/prior work_dir=/tmp/prior_work   # smoke run
 
 Rerunning after an interruption resumes each stage from its checkpoint in ``work_dir``.
@@ -13,7 +14,7 @@ from pathlib import Path
 import hydra
 from omegaconf import DictConfig, OmegaConf
 
-from core.models.prior_report import DEBUG_OVERRIDES, write_report
+from core.models.prior_report import DEBUG_OVERRIDES, rewrite_card, write_report
 from core.models.pretrain import pretrain
 
 
@@ -28,6 +29,8 @@ def run(cfg: dict) -> dict:
         print(json.dumps(report["training"], indent=2))
     if cfg["stage"] in ("all", "report"):
         report["report"] = write_report(cfg, out_dir, work_dir)
+    if cfg["stage"] == "card":
+        print(rewrite_card(cfg, out_dir))
     return report
 
 

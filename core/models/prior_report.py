@@ -96,6 +96,14 @@ def write_report(cfg: dict, out_dir: Path, work_dir: Path) -> dict:
     return report
 
 
+def rewrite_card(cfg: dict, out_dir: Path) -> Path:
+    """The model card again from the saved ``report.json`` (no sampling): after a change to the card's layout."""
+    report = json.loads((out_dir / "report.json").read_text())
+    comp = load_diffusers_dir(out_dir, "mini prior")
+    (out_dir / "README.md").write_text(model_card(cfg, report, comp))
+    return out_dir / "README.md"
+
+
 def clip_evaluation(cfg: dict, comp) -> dict:
     """``prior_eval.evaluate_prior`` for this prior and for each shipped version in ``clip_eval.compare``."""
     from .loading import load_model
@@ -125,7 +133,7 @@ def _clip_tables(report: dict, version: str) -> str:
     pct = lambda v: "n/a" if v is None else f"{100 * v:.0f}"  # noqa: E731
     num = lambda v: "n/a" if v is None else f"{v:.3f}"  # noqa: E731
     s0 = ce[version]["samples"]
-    head = " | ".join(versions)
+    head = " / ".join(versions)
     lines = [f"{s0['n_per_product']} samples per product prompt, {s0['n_per_defect']} per defect prompt, {s0['sampler']} "
              f"{s0['steps']} steps, CFG {s0['guidance']}; judged by the world CLIP (`core/models/world_clip`).", "",
              "**Product named by the prompt \"a photo of a <product>\": share of samples the world CLIP classifies as "
