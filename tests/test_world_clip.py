@@ -142,6 +142,7 @@ def test_prior_evaluation_runs_on_tiny_models_and_reports_each_number():
                          held_out=("bottle",), resolution=64)
     b = out["per_product"]["bottle"]
     assert set(b["damaged_share_defect_prompt"]) == set(S.PRODUCTS["bottle"].defects)
+    assert 0 <= b["product_accuracy_real_web_look"] <= 1
     for key in ("world_fid", "world_fid_real_benchmark_look", "world_fid_real_web_look"):
         assert b[key] >= 0
     assert 0 <= b["product_accuracy"] <= 1 and "world_fid" not in out["per_product"]["screw"]

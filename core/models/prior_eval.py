@@ -2,7 +2,9 @@
 its samples from the benchmark's normals (world-FID), and do defect prompts give defects?
 
 Per product (all 13): ``n_per_product`` samples of "a photo of a <product>" -> the share the world CLIP classifies as
-that product (13-way zero-shot) and the share it calls damaged (the false-alarm rate of the defect check).
+that product (13-way zero-shot), beside the share for as many real web-look renders (the judge's own ceiling: a
+prior that sampled its corpus perfectly would score that), and the share it calls damaged (the false-alarm rate of
+the defect check).
 Per held-out product: world-FID of those samples against the benchmark tree's real ``train/good``, beside two real
 references at the same sample count: fresh benchmark-look normals from the world's oracle stream (the floor: what a
 perfect sampler of the benchmark would score) and web-look normals (what a perfect sampler of the corpus would
@@ -67,6 +69,11 @@ def evaluate_prior(comp: SDComponents, clip: ClipEncoder, real_normals: dict[str
         if d is None:
             row["product_accuracy"] = float((zero_shot_products(clip, emb, products) == products.index(p))
                                             .float().mean())
+            # the ceiling: the same judge on as many real renders of the corpus's (web) look
+            web = embed_images(clip, _to_tensor([render_web(p, seed + 13, "good", i, resolution)[0].image
+                                                 for i in range(n)]))
+            row["product_accuracy_real_web_look"] = float((zero_shot_products(clip, web, products)
+                                                           == products.index(p)).float().mean())
             row["damaged_share_normal_prompt"] = damaged
             if p in held_out and p in real_normals:
                 real = embed_images(clip, real_normals[p]).double().numpy()

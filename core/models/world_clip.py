@@ -112,7 +112,7 @@ class ClipEncoder(nn.Module):
 
     @property
     def logit_scale(self) -> float:
-        return float(self.model.logit_scale.exp())
+        return float(self.model.logit_scale.detach().exp())
 
 
 def _tensor(out) -> torch.Tensor:
