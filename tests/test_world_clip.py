@@ -148,3 +148,16 @@ def test_prior_evaluation_runs_on_tiny_models_and_reports_each_number():
     assert 0 <= b["product_accuracy"] <= 1 and "world_fid" not in out["per_product"]["screw"]
     assert out["product_accuracy_mean"] == pytest.approx(
         (b["product_accuracy"] + out["per_product"]["screw"]["product_accuracy"]) / 2)
+
+
+def test_augment_blurs_only_when_asked_and_deterministically():
+    from core.models.world_clip import augment
+
+    x = torch.rand(3, 3, 32, 32)
+    sharp = augment(x, torch.Generator().manual_seed(1))
+    blurred = augment(x, torch.Generator().manual_seed(1), blur_prob=1.0, blur_sigma=(1.5, 1.5))
+    again = augment(x, torch.Generator().manual_seed(1), blur_prob=1.0, blur_sigma=(1.5, 1.5))
+    assert torch.equal(blurred, again)
+    # a blur removes high frequencies: neighbouring pixels differ less
+    tv = lambda t: (t[..., 1:, :] - t[..., :-1, :]).abs().mean()  # noqa: E731
+    assert tv(blurred) < 0.5 * tv(sharp)

@@ -182,8 +182,13 @@ def _lr(warmup: int, total: int):
     return f
 
 
-def augment(x: torch.Tensor, g: torch.Generator) -> torch.Tensor:
-    """Random horizontal flip and a random crop of 80-100 % of the side, resized back (images in [0, 1])."""
+def augment(x: torch.Tensor, g: torch.Generator, blur_prob: float = 0.0, blur_sigma: Sequence[float] = (0.3, 2.0)
+            ) -> torch.Tensor:
+    """Random horizontal flip, a random crop of 80-100 % of the side resized back, and with probability
+    ``blur_prob`` a Gaussian blur of sigma drawn from ``blur_sigma`` (web photos are not all sharp; a judge of
+    generated images must not fail on softness alone). Images in [0, 1]."""
+    from torchvision.transforms.functional import gaussian_blur
+
     B, _, H, W = x.shape
     flip = torch.rand(B, generator=g) < 0.5
     x = torch.where(flip[:, None, None, None], x.flip(-1), x)
@@ -191,8 +196,11 @@ def augment(x: torch.Tensor, g: torch.Generator) -> torch.Tensor:
     for i in range(B):
         s = int(H * (0.8 + 0.2 * float(torch.rand(1, generator=g))))
         y0, x0 = (int(torch.randint(H - s + 1, (1,), generator=g)), int(torch.randint(W - s + 1, (1,), generator=g)))
-        out.append(F.interpolate(x[i:i + 1, :, y0:y0 + s, x0:x0 + s], size=(H, W), mode="bilinear",
-                                 align_corners=False))
+        xi = F.interpolate(x[i:i + 1, :, y0:y0 + s, x0:x0 + s], size=(H, W), mode="bilinear", align_corners=False)
+        if blur_prob > 0 and float(torch.rand(1, generator=g)) < blur_prob:
+            sigma = blur_sigma[0] + (blur_sigma[1] - blur_sigma[0]) * float(torch.rand(1, generator=g))
+            xi = gaussian_blur(xi, kernel_size=2 * int(3 * sigma) + 1, sigma=sigma)
+        out.append(xi)
     return torch.cat(out)
 
 
@@ -220,7 +228,8 @@ def train_world_clip(encoder: ClipEncoder, images: np.ndarray, products: Sequenc
         g = torch.Generator().manual_seed(seed * 1_000_037 + step)
         rng = np.random.default_rng([seed, step, 7])
         idx = torch.randint(len(data), (batch,), generator=g)
-        x = augment(data[idx].float() / 255.0, g)
+        x = augment(data[idx].float() / 255.0, g, float(cfg.get("blur_prob", 0.0)),
+                    tuple(cfg.get("blur_sigma", (0.3, 2.0))))
         prompts = [caption_for(products[i], defects[i], rng) for i in idx.tolist()]
         loss = clip_loss(encoder.image_embeds(x), encoder.text_embeds(prompts), labels_all[idx],
                          model.logit_scale)
