@@ -161,3 +161,22 @@ def test_augment_blurs_only_when_asked_and_deterministically():
     # a blur removes high frequencies: neighbouring pixels differ less
     tv = lambda t: (t[..., 1:, :] - t[..., :-1, :]).abs().mean()  # noqa: E731
     assert tv(blurred) < 0.5 * tv(sharp)
+
+
+def test_world_clip_script_smoke_run_writes_a_loadable_model_and_card(tmp_path):
+    from omegaconf import OmegaConf
+
+    from core.models.clip_report import CLIP_DEBUG_OVERRIDES, train, write_report
+
+    world = S.build_world(tmp_path / "world", S.WorldConfig(resolution=64, n_train_good=2, n_test_good=2, n_per_type=1),
+                          workers=1, progress=False)
+    cfg = OmegaConf.to_container(OmegaConf.merge(OmegaConf.load("configs/world_clip.yaml"), CLIP_DEBUG_OVERRIDES,
+                                                 {"threads": None, "report": {"dataset_root": str(world)}}))
+    report = train(cfg, tmp_path / "clip", tmp_path / "work")
+    assert report["train"]["steps_run"] == 3 and report["corpus_images"] == 3 * 3 + 2 * 3
+    out = write_report(cfg, tmp_path / "clip", tmp_path / "work")
+    assert 0 <= out["product_accuracy"] <= 1 and set(out["per_product"]) == set(S.ALL_PRODUCTS)
+    assert "sigma_2" in out["web_look"]
+    card = (tmp_path / "clip" / "README.md").read_text()
+    assert "World CLIP" in card and "python scripts/train_world_clip.py" in card
+    assert isinstance(load_clip(tmp_path / "clip"), ClipEncoder)
