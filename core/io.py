@@ -33,3 +33,22 @@ def torch_save(obj: Any, path: str | Path) -> Path:
     import torch
 
     return atomic_write(path, lambda p: torch.save(obj, p))
+
+
+def replace_dir(tmp: str | Path, final: str | Path) -> Path:
+    """Put the finished directory ``tmp`` at ``final``; an existing ``final`` is moved aside first and removed only
+    after the swap, so a reader never finds a half-written directory there."""
+    import os
+    import shutil
+
+    tmp, final = Path(tmp), Path(final)
+    if final.exists():
+        old = final.with_name(final.name + ".old")
+        if old.exists():
+            shutil.rmtree(old)
+        os.replace(final, old)
+        os.replace(tmp, final)
+        shutil.rmtree(old)
+    else:
+        os.replace(tmp, final)
+    return final

@@ -180,3 +180,21 @@ def test_world_clip_script_smoke_run_writes_a_loadable_model_and_card(tmp_path):
     card = (tmp_path / "clip" / "README.md").read_text()
     assert "World CLIP" in card and "python scripts/train_world_clip.py" in card
     assert isinstance(load_clip(tmp_path / "clip"), ClipEncoder)
+
+
+def test_defect_score_is_the_damaged_side_of_a_two_way_softmax_and_products_the_nearest_class():
+    """A stub encoder with known class embeddings: an image on the damaged prompts' direction scores
+    softmax(s * [cos_normal, cos_damaged])[1]; the product is the nearest product embedding."""
+    class Stub:
+        logit_scale = 10.0
+
+        def class_embeds(self, prompt_sets):
+            if len(prompt_sets) == 2:  # normal vs damaged ensembles
+                return torch.tensor([[1.0, 0.0], [0.0, 1.0]])
+            return torch.tensor([[1.0, 0.0], [0.6, 0.8], [0.0, 1.0]])  # three products
+
+    emb = torch.tensor([[0.0, 1.0], [1.0, 0.0], [0.6, 0.8]])
+    p = zero_shot_defect_scores(Stub(), emb, "bottle")
+    expected = torch.softmax(10.0 * emb @ torch.tensor([[1.0, 0.0], [0.0, 1.0]]).T, dim=1)[:, 1]
+    assert torch.allclose(p, expected) and p[0] > 0.99 and p[1] < 0.01
+    assert zero_shot_products(Stub(), emb, ("bottle", "pill", "cable")).tolist() == [2, 0, 1]

@@ -14,7 +14,6 @@ wrong path raises :class:`ModelNotFoundError` naming what to download, in which 
 from __future__ import annotations
 
 import json
-import os
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,7 +23,7 @@ import torch
 from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
-from ..io import write_json
+from ..io import replace_dir, write_json
 from .architectures import SD_V1_SCHEDULE, architecture
 from .tokenizer import build_tokenizer, tokenize
 
@@ -121,16 +120,7 @@ class SDComponents:
         if config is not None:
             from omegaconf import OmegaConf
             OmegaConf.save(OmegaConf.create(config), out / "config.yaml")
-        if final.exists():
-            old = final.with_name(final.name + ".old")
-            if old.exists():
-                shutil.rmtree(old)
-            os.replace(final, old)
-            os.replace(out, final)
-            shutil.rmtree(old)
-        else:
-            os.replace(out, final)
-        return final
+        return replace_dir(out, final)
 
 
 def _diffusers_version() -> str:

@@ -162,11 +162,12 @@ def _save_atomic(obj: Any, path: Path) -> None:
     torch_save(obj, path)
 
 
-def _lr_lambda(warmup: int, total: int):
+def lr_lambda(warmup: int, total: int, floor: float = 0.1):
+    """Linear warm-up, then cosine decay from 1 to ``floor`` (a multiplier of the base learning rate)."""
     def f(step: int) -> float:
         if step < warmup:
             return (step + 1) / warmup
-        return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, total - warmup)))
+        return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, total - warmup)))
     return f
 
 
@@ -174,7 +175,7 @@ def train_vae(comp: SDComponents, pool: Pool, cfg: dict, work_dir: Path, seed: i
     """Stage 1. Returns timing and the final losses; sets ``vae.config.scaling_factor``."""
     vae = comp.vae.train()
     opt = torch.optim.AdamW(vae.parameters(), lr=cfg["lr"], weight_decay=0.0)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, _lr_lambda(cfg.get("warmup", 100), cfg["steps"]))
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(cfg.get("warmup", 100), cfg["steps"]))
     ckpt, start = work_dir / "vae_state.pt", 0
     if ckpt.is_file():
         state = torch.load(ckpt, map_location="cpu", weights_only=False)
@@ -231,7 +232,7 @@ def train_denoiser(comp: SDComponents, pool: Pool, latents: torch.Tensor, cfg: d
     ema = {k: v.detach().clone() for k, v in unet.state_dict().items()}
     params = [{"params": unet.parameters(), "lr": cfg["lr"]}, {"params": text.parameters(), "lr": cfg["text_lr"]}]
     opt = torch.optim.AdamW(params, weight_decay=cfg.get("weight_decay", 0.01))
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, _lr_lambda(cfg["warmup"], cfg["steps"]))
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(cfg["warmup"], cfg["steps"]))
     ckpt, start = work_dir / "denoiser_state.pt", 0
     if ckpt.is_file():
         state = torch.load(ckpt, map_location="cpu", weights_only=False)

@@ -30,9 +30,9 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from ..data.synthetic import ALL_PRODUCTS, PRODUCTS
-from ..io import torch_save
+from ..io import replace_dir, torch_save
 from .loading import ModelNotFoundError
-from .pretrain import DEFECT_PHRASES, caption, product_words
+from .pretrain import DEFECT_PHRASES, caption, lr_lambda, product_words
 from .tokenizer import build_tokenizer
 
 WORLD_CLIP_DIR = Path(__file__).resolve().parent / "world_clip"
@@ -174,14 +174,6 @@ def caption_for(product: str, defect: str | None, rng: np.random.Generator) -> s
     return t.format(p=product_words(product), d=DEFECT_PHRASES.get(defect or "", ""))
 
 
-def _lr(warmup: int, total: int):
-    def f(step: int) -> float:
-        if step < warmup:
-            return (step + 1) / warmup
-        return 0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, total - warmup)))
-    return f
-
-
 def augment(x: torch.Tensor, g: torch.Generator, blur_prob: float = 0.0, blur_sigma: Sequence[float] = (0.3, 2.0)
             ) -> torch.Tensor:
     """Random horizontal flip, a random crop of 80-100 % of the side resized back, and with probability
@@ -215,7 +207,7 @@ def train_world_clip(encoder: ClipEncoder, images: np.ndarray, products: Sequenc
     no_decay = [p for n, p in model.named_parameters() if not (p.ndim >= 2 and "logit_scale" not in n)]
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.get("weight_decay", 0.1)},
                              {"params": no_decay, "weight_decay": 0.0}], lr=cfg["lr"])
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, _lr(cfg.get("warmup", 100), cfg["steps"]))
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(cfg.get("warmup", 100), cfg["steps"], floor=0.05))
     ckpt, start = Path(work_dir) / "clip_state.pt", 0
     if ckpt.is_file():
         state = torch.load(ckpt, map_location="cpu", weights_only=False)
@@ -255,7 +247,6 @@ def train_world_clip(encoder: ClipEncoder, images: np.ndarray, products: Sequenc
 
 def save_clip(encoder: ClipEncoder, out_dir: str | Path) -> Path:
     """``save_pretrained`` of the model and tokenizer plus a CLIPImageProcessor config, written atomically."""
-    import os
     import shutil
 
     from transformers import CLIPImageProcessor
@@ -269,20 +260,10 @@ def save_clip(encoder: ClipEncoder, out_dir: str | Path) -> Path:
     CLIPImageProcessor(size={"shortest_edge": encoder.image_size},
                        crop_size={"height": encoder.image_size, "width": encoder.image_size},
                        image_mean=list(CLIP_MEAN), image_std=list(CLIP_STD)).save_pretrained(tmp)
-    if final.exists():
-        keep = [f for f in ("README.md", "report.json", "config.yaml") if (final / f).is_file()]
-        for f in keep:
-            if not (tmp / f).exists():
-                shutil.copy2(final / f, tmp / f)
-        old = final.with_name(final.name + ".old")
-        if old.exists():
-            shutil.rmtree(old)
-        os.replace(final, old)
-        os.replace(tmp, final)
-        shutil.rmtree(old)
-    else:
-        os.replace(tmp, final)
-    return final
+    for f in ("README.md", "report.json", "config.yaml"):  # the card and report survive a retrain until rewritten
+        if (final / f).is_file() and not (tmp / f).exists():
+            shutil.copy2(final / f, tmp / f)
+    return replace_dir(tmp, final)
 
 
 def load_clip(path: str | Path | None = None, key: str = "metrics.clip_path") -> ClipEncoder:
