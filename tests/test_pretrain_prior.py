@@ -109,3 +109,24 @@ def test_the_world_clip_trains_on_the_prior_corpus():
     prior = OmegaConf.load("configs/pretrain_prior.yaml").corpus
     clip = OmegaConf.load("configs/world_clip.yaml").corpus
     assert OmegaConf.to_container(prior) == OmegaConf.to_container(clip)
+
+def test_the_denoiser_ends_with_its_ema_weights_using_the_warm_up_decay(tmp_path):
+    """The U-Net ends with its EMA weights, not the raw ones, with the warm-up decay d_s = min(ema, (1+s)/(10+s)):
+    after one step ema_1 = d_0 * w_0 + (1 - d_0) * w_1 = 0.1 * w_0 + 0.9 * w_1 (w_1 is the checkpoint's raw U-Net)."""
+    from core.models import build_random
+    from core.models.pretrain import encode_pool, render_pool, train_denoiser
+
+    pool = render_pool(("screw",), 2, 1, 64, seed=0, desc="pool")
+    comp = build_random("tiny", seed=0)
+    latents = encode_pool(comp, pool)
+    w0 = {k: v.clone() for k, v in comp.unet.state_dict().items()}
+    train_denoiser(comp, pool, latents, {**CFG["unet"], "steps": 1, "checkpoint_every": 1}, tmp_path, seed=0)
+    raw = torch.load(tmp_path / "denoiser_state.pt", weights_only=False)["unet"]
+    moved = 0
+    for k, v in comp.unet.state_dict().items():
+        if v.dtype.is_floating_point:
+            torch.testing.assert_close(v, 0.1 * w0[k] + 0.9 * raw[k], rtol=1e-5, atol=1e-6)
+            moved += int(not torch.equal(raw[k], w0[k]))
+        else:
+            assert torch.equal(v, raw[k]), k
+    assert moved > 10  # the step changed the weights, so the check above could fail

@@ -174,6 +174,7 @@ def lr_lambda(warmup: int, total: int, floor: float = 0.1):
 def train_vae(comp: SDComponents, pool: Pool, cfg: dict, work_dir: Path, seed: int) -> dict:
     """Stage 1. Returns timing and the final losses; sets ``vae.config.scaling_factor``."""
     vae = comp.vae.train()
+    dev = comp.device
     opt = torch.optim.AdamW(vae.parameters(), lr=cfg["lr"], weight_decay=0.0)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(cfg.get("warmup", 100), cfg["steps"]))
     ckpt, start = work_dir / "vae_state.pt", 0
@@ -193,9 +194,9 @@ def train_vae(comp: SDComponents, pool: Pool, cfg: dict, work_dir: Path, seed: i
         xs = torch.randint(res - crop + 1, (batch,), generator=g)
         x = torch.stack([images[i, :, y:y + crop, x_:x_ + crop] for i, y, x_ in zip(idx, ys, xs)]) * 2 - 1
         flip = torch.rand(batch, generator=g) < 0.5
-        x = torch.where(flip[:, None, None, None], x.flip(-1), x)
+        x = torch.where(flip[:, None, None, None], x.flip(-1), x).to(dev)
         dist = vae.encode(x).latent_dist
-        rec = vae.decode(dist.sample(g)).sample
+        rec = vae.decode(dist.sample(g)).sample   # diffusers draws a CPU generator's noise on the CPU, then moves it
         rec_loss = F.l1_loss(rec, x) + F.mse_loss(rec, x)
         loss = rec_loss + cfg["kl_weight"] * dist.kl().mean()
         opt.zero_grad(set_to_none=True)
@@ -211,7 +212,8 @@ def train_vae(comp: SDComponents, pool: Pool, cfg: dict, work_dir: Path, seed: i
             break
     vae.eval()
     with torch.no_grad():
-        z = torch.cat([vae.encode(images[i:i + 64] * 2 - 1).latent_dist.mean for i in range(0, min(len(images), 512), 64)])
+        z = torch.cat([vae.encode(images[i:i + 64].to(dev) * 2 - 1).latent_dist.mean
+                       for i in range(0, min(len(images), 512), 64)])
     vae.register_to_config(scaling_factor=float(1.0 / z.std()))
     return {"seconds": time.perf_counter() - t0, "steps_run": cfg["steps"] - start,
             "final_rec_loss": float(np.mean(losses[-50:])) if losses else None,
@@ -222,13 +224,14 @@ def train_vae(comp: SDComponents, pool: Pool, cfg: dict, work_dir: Path, seed: i
 def encode_pool(comp: SDComponents, pool: Pool, batch: int = 64) -> torch.Tensor:
     images = _to_tensor(pool.images)
     comp.vae.eval()
-    return torch.cat([comp.encode_images(images[i:i + batch]) for i in range(0, len(images), batch)])
+    return torch.cat([comp.encode_images(images[i:i + batch].to(comp.device)) for i in range(0, len(images), batch)])
 
 
 def train_denoiser(comp: SDComponents, pool: Pool, latents: torch.Tensor, cfg: dict, work_dir: Path,
                    seed: int) -> dict:
     """Stage 2: text encoder + U-Net with SD's noise-prediction loss; EMA weights end up in ``comp.unet``."""
     unet, text = comp.unet.train(), comp.text_encoder.train()
+    dev = comp.device
     ema = {k: v.detach().clone() for k, v in unet.state_dict().items()}
     params = [{"params": unet.parameters(), "lr": cfg["lr"]}, {"params": text.parameters(), "lr": cfg["text_lr"]}]
     opt = torch.optim.AdamW(params, weight_decay=cfg.get("weight_decay", 0.01))
@@ -238,7 +241,7 @@ def train_denoiser(comp: SDComponents, pool: Pool, latents: torch.Tensor, cfg: d
         state = torch.load(ckpt, map_location="cpu", weights_only=False)
         unet.load_state_dict(state["unet"]), text.load_state_dict(state["text"]), opt.load_state_dict(state["opt"])
         sched.load_state_dict(state["sched"])
-        ema, start = state["ema"], state["step"]
+        ema, start = {k: v.to(dev) for k, v in state["ema"].items()}, state["step"]
     T = comp.scheduler.config.num_train_timesteps
     batch, t0, losses = int(cfg["batch"]), time.perf_counter(), []
     bar = tqdm(range(start, cfg["steps"]), desc="U-Net + text", initial=start, total=cfg["steps"])
@@ -248,9 +251,9 @@ def train_denoiser(comp: SDComponents, pool: Pool, latents: torch.Tensor, cfg: d
         idx = torch.randint(len(latents), (batch,), generator=g)
         captions = ["" if rng.random() < cfg["caption_dropout"] else caption(pool.products[i], pool.defects[i], rng)
                     for i in idx.tolist()]
-        z0 = latents[idx]
-        eps = torch.randn(z0.shape, generator=g)
-        t = torch.randint(T, (batch,), generator=g)
+        z0 = latents[idx.to(latents.device)].to(dev)
+        eps = torch.randn(z0.shape, generator=g).to(dev)   # all randomness from the CPU generator, on any device
+        t = torch.randint(T, (batch,), generator=g).to(dev)
         zt = comp.scheduler.add_noise(z0, eps, t)
         ctx = comp.encode_prompt(captions)
         loss = F.mse_loss(unet(zt, t, ctx).sample, eps)
@@ -260,8 +263,12 @@ def train_denoiser(comp: SDComponents, pool: Pool, latents: torch.Tensor, cfg: d
         opt.step(), sched.step()
         decay = min(cfg["ema"], (1 + step) / (10 + step))
         with torch.no_grad():
-            for k, v in unet.state_dict().items():
-                ema[k].mul_(decay).add_(v.detach(), alpha=1 - decay) if v.dtype.is_floating_point else ema[k].copy_(v)
+            cur = unet.state_dict()
+            floats = [k for k, v in cur.items() if v.dtype.is_floating_point]
+            torch._foreach_lerp_([ema[k] for k in floats], [cur[k].detach() for k in floats], 1 - decay)
+            for k, v in cur.items():
+                if not v.dtype.is_floating_point:
+                    ema[k].copy_(v)
         losses.append(loss.item())
         bar.set_postfix(loss=f"{np.mean(losses[-100:]):.4f}")
         if (step + 1) % cfg["checkpoint_every"] == 0 or step + 1 == cfg["steps"]:
@@ -297,7 +304,7 @@ def pretrain(cfg: dict, out_dir: str | Path, work_dir: str | Path) -> dict:
         torch.set_num_threads(int(cfg["threads"]))
     work_dir, out_dir = Path(work_dir), Path(out_dir)
     work_dir.mkdir(parents=True, exist_ok=True)
-    comp = build_random(cfg["architecture"], seed=cfg["seed"])
+    comp = build_random(cfg["architecture"], seed=cfg["seed"]).to(cfg.get("device") or "cpu")
     if comp.resolution != cfg["resolution"]:
         raise ValueError(f"Architecture '{cfg['architecture']}' is built for {comp.resolution} px, "
                          f"but resolution={cfg['resolution']}.")
@@ -315,7 +322,7 @@ def pretrain(cfg: dict, out_dir: str | Path, work_dir: str | Path) -> dict:
                    "seed": cfg["seed"], "normal_products": list(cfg["corpus"]["normal_products"]),
                    "defect_products": list(cfg["corpus"]["defect_products"]),
                    "held_out": [p for p in BENCHMARK_PRODUCTS]}
-    save_prior(comp, out_dir, cfg, half=cfg.get("save_half", True))
+    save_prior(comp.to("cpu"), out_dir, cfg, half=cfg.get("save_half", True))
     write_json(out_dir / "corpus.json", corpus_record(cfg, pool, manifest_sha))
     return report
 
