@@ -548,6 +548,88 @@ def sample_with_masks(comp: SDComponents, scheduler, z_T: torch.Tensor, cond: to
     return images, torch.stack(probs).mean(0)
 
 
+THRESHOLD_GRID = tuple(round(0.05 * k, 2) for k in range(1, 20))   # 0.05, 0.10, ..., 0.95
+
+
+def choose_threshold(probs: torch.Tensor, masks: torch.Tensor, grid: Sequence[float] = THRESHOLD_GRID
+                     ) -> tuple[float, dict[float, dict[str, float]]]:
+    """The tau of ``grid`` with the highest mean per-image IoU between ``probs > tau`` and the binary ``masks``
+    (both (N, S, S)); ties go to the smallest tau. Also returns, per tau, that IoU and the mean ratio of predicted to
+    true mask area."""
+    true = masks > 0.5
+    area = true.flatten(1).sum(1).float().clamp_min(1)
+    table = {}
+    for tau in grid:
+        pred = probs > tau
+        inter = (pred & true).flatten(1).sum(1).float()
+        union = (pred | true).flatten(1).sum(1).float().clamp_min(1)
+        table[float(tau)] = {"iou": float((inter / union).mean()),
+                             "area_ratio": float((pred.flatten(1).sum(1).float() / area).mean())}
+    best = max(table, key=lambda tau: (round(table[tau]["iou"], 12), -tau))
+    return best, table
+
+
+def mask_threshold_setting(value) -> float | str:
+    """``method.generate.mask_threshold``: a number in (0, 1) or ``auto``."""
+    if str(value) == "auto":
+        return "auto"
+    try:
+        if 0 < float(value) < 1:
+            return float(value)
+    except (TypeError, ValueError):
+        pass
+    raise ValueError(f"method.generate.mask_threshold must be a number in (0, 1) or 'auto' (chosen on the product's "
+                     f"training anomalies), got {value!r}.")
+
+
+def calibrate_mask_threshold(cfg: DictConfig, checkpoint: Path, comp: SDComponents, rmp: RefinedMaskPrediction,
+                             prompt: UAPrompt, scheduler) -> dict:
+    """``method.generate.mask_threshold: auto``: tau chosen on the product's *training* anomalies, never a test
+    image. Each training anomaly (X_df, as the run trained on it) is noised with the forward process onto the first
+    of the last ``mask_steps`` steps of the generation schedule and denoised through them with its own anomaly prompt,
+    its mask read exactly as a generated pair's is; the tau of :data:`THRESHOLD_GRID` with the highest mean IoU
+    against the true masks is kept. The branch was fit on these images, so the IoU is optimistic; what matters is the
+    tau it picks. Cached in ``<checkpoint>/mask_calibration.json`` (recomputed when the settings differ)."""
+    g = cfg.method.generate
+    steps, mask_steps = int(g.num_inference_steps), int(g.mask_steps)
+    settings = {"steps": steps, "mask_steps": mask_steps, "guidance": float(g.guidance), "sampler": str(g.sampler),
+                "timestep_spacing": str(g.get("timestep_spacing", "linspace")), "seed": int(cfg.seed),
+                "mask_latent": str(g.get("mask_latent", "input")), "grid": list(THRESHOLD_GRID)}
+    path = Path(checkpoint) / "mask_calibration.json"
+    if path.is_file():
+        saved = json.loads(path.read_text())
+        if saved.get("settings") == settings:
+            return saved
+    anomalies, normals = training_samples(cfg, str(cfg.product))
+    data = load_images(anomalies, normals[:1], comp.resolution, str(cfg.method.train.get("preprocess", "official")))
+    trained_on = json.loads((Path(checkpoint) / "seas.json").read_text())["train_anomalies"]
+    if data.anomaly_paths != trained_on:
+        raise ValueError(f"mask_threshold=auto calibrates on the run's training anomalies, but the dataset and split "
+                         f"of this config give {len(data.anomaly_paths)} other images than the {len(trained_on)} "
+                         f"listed in {Path(checkpoint) / 'seas.json'}. Fix: generate with the dataset and split the "
+                         f"run was trained with, or set method.generate.mask_threshold to a number.")
+    device = comp.device
+    scheduler.set_timesteps(steps)
+    tail = scheduler.timesteps[-mask_steps:]
+    probs = []
+    with torch.no_grad():
+        uncond1 = comp.encode_prompt([str(g.negative_prompt)])
+        for i, (x, ty) in enumerate(zip(data.anomalies, data.types)):
+            z0 = comp.encode_images(x[None].to(device))
+            noise = torch.randn(z0.shape[1:], generator=item_generator(int(cfg.seed), f"calibrate/{ty}", i))
+            z_t = comp.scheduler.add_noise(z0, noise[None].to(device), tail[:1].to(device))
+            _, p = sample_with_masks(comp, scheduler, z_t, comp.encode_prompt([prompt.prompt(ty)]), uncond1,
+                                     float(g.guidance), steps, rmp, mask_steps, timesteps=tail,
+                                     mask_latent=settings["mask_latent"])
+            probs.append(p[0].cpu())
+    tau, table = choose_threshold(torch.stack(probs), data.masks[:, 0] >= 1.0 - 1e-6)
+    out = {"mask_threshold": tau, "settings": settings, "n_images": len(probs), "train_anomalies": data.anomaly_paths,
+           "per_threshold": {str(k): v for k, v in table.items()},
+           "rule": "highest mean IoU on the training anomalies (noised onto the mask-reading steps), ties: smallest"}
+    write_json(path, out)
+    return out
+
+
 def source_index(rule: str, n_sources: int, index: int, gen: torch.Generator, batch: int = 10) -> int:
     """Which training normal (of X_ob, sorted by name) starts item ``index``: ``random`` (the paper: a random normal
     image of X_ob per item, drawn from the item's own generator) or ``first_batch`` (the official script: the first
@@ -582,6 +664,7 @@ def generation_config(cfg: DictConfig) -> dict:
 def generate(cfg: DictConfig, checkpoint: Path | None, out_dir: Path) -> Path:
     """N image-mask pairs per anomaly type and N normal images (prompt "a <ob>") for ``cfg.product``, each from a
     noised real normal training image, written through :class:`core.export.GeneratedWriter` (resumable)."""
+    mask_threshold_setting(cfg.method.generate.get("mask_threshold", 0.2))
     if checkpoint is None:
         raise FileNotFoundError("SeaS generates from a trained model: pass checkpoint=<the run directory of "
                                 "scripts/train.py method=seas ...>.")
@@ -601,8 +684,15 @@ def generate(cfg: DictConfig, checkpoint: Path | None, out_dir: Path) -> Path:
     steps = min(steps, int(limits["num_inference_steps"])) if limits.get("num_inference_steps") else steps
     scheduler = make_scheduler(comp, str(g.sampler), str(g.get("timestep_spacing", "linspace")))
     signal, noise_scale = start_signal(g), float(g.start_noise)
-    writer = GeneratedWriter(out_dir, str(cfg.product), "seas", generation_config(cfg), str(checkpoint),
-                             int(cfg.seed))
+    gen_config = generation_config(cfg)
+    threshold = mask_threshold_setting(g.mask_threshold)
+    if str(threshold) == "auto":
+        calib = calibrate_mask_threshold(cfg, Path(checkpoint), comp, rmp, prompt, scheduler)
+        threshold = calib["mask_threshold"]
+        gen_config["mask_threshold_chosen"] = threshold
+        print(f"mask threshold chosen on the {calib['n_images']} training anomalies: tau = {threshold} "
+              f"(IoU {calib['per_threshold'][str(threshold)]['iou']:.3f})")
+    writer = GeneratedWriter(out_dir, str(cfg.product), "seas", gen_config, str(checkpoint), int(cfg.seed))
     items = [(ty, i) for ty in prompt.types for i in range(n)] + [(None, i) for i in range(n_normals)]
     todo = [it for it in items if not writer.is_done(*it)]
     bs = int(g.batch_size)
@@ -646,7 +736,7 @@ def generate(cfg: DictConfig, checkpoint: Path | None, out_dir: Path) -> Path:
             if ty is None:
                 writer.write_normal(i, images[k], **source)
             else:
-                mask = (probs[k] > float(g.mask_threshold)).cpu().numpy()
+                mask = (probs[k] > float(threshold)).cpu().numpy()
                 writer.write_anomaly(ty, i, images[k], mask, mask_fraction=round(float(mask.mean()), 5), **source)
     from core.data import load_folder
     from core.data.visualize import contact_sheet
@@ -656,7 +746,7 @@ def generate(cfg: DictConfig, checkpoint: Path | None, out_dir: Path) -> Path:
     return Path(out_dir)
 
 
-__all__ = ["Batch", "SeaSTrainer", "TrainingImages", "build_prompt", "build_rmp", "generate", "load_generator",
+__all__ = ["THRESHOLD_GRID", "Batch", "SeaSTrainer", "calibrate_mask_threshold", "choose_threshold", "TrainingImages", "build_prompt", "build_rmp", "generate", "load_generator",
            "load_images", "load_rmp", "make_scheduler", "mixed_batch", "preprocess", "rmp_batch", "rmp_batch_loss",
            "rmp_features", "sample_with_masks", "source_index", "accumulate_gradients",
            "train", "train_generator", "train_rmp", "training_samples"]

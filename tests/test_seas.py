@@ -498,11 +498,19 @@ def _compose(name, overrides):
         return compose(name, overrides)
 
 
-def test_train_and_generate_write_a_reloadable_mvtec_tree_with_binary_masks(world, tmp_path, monkeypatch):
+@pytest.fixture(scope="module")
+def seas_run(world, tmp_path_factory):
+    """A SeaS run trained at debug size on the tiny world (shared by the generation tests, which only read it)."""
+    from core.runs import train
     common = ["method=seas", "debug=fast", f"dataset.root={world}", "product=bottle"]
-    from core.runs import generate, train
-    run = tmp_path / "run"
+    run = tmp_path_factory.mktemp("seas_run") / "run"
     train(_compose("train", common), run)
+    return run, common
+
+
+def test_train_and_generate_write_a_reloadable_mvtec_tree_with_binary_masks(seas_run, tmp_path, monkeypatch):
+    from core.runs import generate
+    run, common = seas_run
     assert (run / "generator" / "model_index.json").is_file() and (run / "rmp.safetensors").is_file()
     out = tmp_path / "gen"
     gcfg = _compose("generate", common + [f"checkpoint={run}", f"out_dir={out}", "n_per_type=3",
@@ -552,6 +560,72 @@ def test_train_and_generate_write_a_reloadable_mvtec_tree_with_binary_masks(worl
     assert len((out / "manifest.jsonl").read_text().splitlines()) == len(lines)
 
 
+def test_threshold_choice_maximises_the_mean_per_image_iou_hand_worked():
+    # image A (5 x 6): a 2 x 2 defect at 0.7 with a 4-pixel false ring at 0.32; image B: one defect pixel at 0.52
+    probs, masks = torch.full((2, 5, 6), 0.02), torch.zeros(2, 5, 6)
+    probs[0, 1:3, 1:3], masks[0, 1:3, 1:3] = 0.7, 1
+    probs[0, 4, 0:4] = 0.32
+    probs[1, 3, 5], masks[1, 3, 5] = 0.52, 1
+    tau, table = M.choose_threshold(probs, masks)
+    # tau <= 0.30: A = 4/8, B = 1 -> 0.75 (a pooled IoU would be 5/9); 0.35 .. 0.50: both 1; 0.55: B misses -> 0.5
+    assert table[0.3]["iou"] == pytest.approx(0.75) and table[0.3]["area_ratio"] == pytest.approx((2 + 1) / 2)
+    assert table[0.5]["iou"] == pytest.approx(1.0) and table[0.55]["iou"] == pytest.approx(0.5)
+    assert tau == 0.35  # the smallest of the tied best
+
+
+def test_auto_threshold_is_chosen_on_the_training_anomalies_and_used_for_the_masks(seas_run, tmp_path,
+                                                                                    monkeypatch):
+    """mask_threshold=auto: the calibration denoises each *training* anomaly (noised onto the last mask_steps steps)
+    with its own prompt, hands choose_threshold their probabilities and true masks, and the generated masks are
+    cut at the tau it returns."""
+    from core.runs import generate
+    run, common = seas_run
+    out = tmp_path / "gen"
+    gcfg = _compose("generate", common + [f"checkpoint={run}", f"out_dir={out}", "n_per_type=2",
+                                          "limits.n_per_type=2", "method.generate.mask_threshold=auto"])
+    calls, real = [], M.sample_with_masks
+
+    def spy(comp, scheduler, z_T, cond, uncond, guidance, num_steps, rmp=None, *a, **kw):
+        images, probs = real(comp, scheduler, z_T, cond, uncond, guidance, num_steps, rmp, *a, **kw)
+        calls.append({"z_T": z_T.clone(), "cond": cond.clone(), "timesteps": kw.get("timesteps"), "probs": probs})
+        return images, probs
+    chosen = {}
+
+    def fake_choice(probs, masks):
+        chosen["probs"], chosen["masks"] = probs.clone(), masks.clone()
+        return 0.65, {0.65: {"iou": 0.5, "area_ratio": 1.0}}
+    monkeypatch.setattr(M, "sample_with_masks", spy)
+    monkeypatch.setattr(M, "choose_threshold", fake_choice)
+    generate(gcfg, out, overrides=["n_per_type=2", "method.generate.mask_threshold=auto"])
+    monkeypatch.undo()
+    comp, prompt = M.load_generator(run)
+    anomalies, normals = M.training_samples(gcfg, "bottle")
+    data = M.load_images(anomalies, normals[:1], comp.resolution)
+    calib = [c for c in calls if c["timesteps"] is not None]
+    assert len(calib) == len(anomalies) >= 2
+    sched = M.make_scheduler(comp, str(gcfg.method.generate.sampler), str(gcfg.method.generate.timestep_spacing))
+    sched.set_timesteps(int(gcfg.method.generate.num_inference_steps))
+    tail = sched.timesteps[-int(gcfg.method.generate.mask_steps):]
+    for i, (c, ty) in enumerate(zip(calib, data.types)):
+        assert c["timesteps"].tolist() == tail.tolist()
+        with torch.no_grad():
+            z0 = comp.encode_images(data.anomalies[i][None])
+            e = comp.encode_prompt([prompt.prompt(ty)])
+        noise = torch.randn(z0.shape[1:], generator=M.item_generator(int(gcfg.seed), f"calibrate/{ty}", i))
+        torch.testing.assert_close(c["z_T"], comp.scheduler.add_noise(z0, noise[None], tail[:1]), atol=1e-4, rtol=1e-4)
+        torch.testing.assert_close(c["cond"], e)
+        torch.testing.assert_close(chosen["probs"][i], c["probs"][0])
+    assert torch.equal(chosen["masks"], data.masks[:, 0] >= 1.0 - 1e-6) and chosen["masks"].any()
+    saved = __import__("json").loads((run / "mask_calibration.json").read_text())
+    assert saved["mask_threshold"] == 0.65 and saved["train_anomalies"] == data.anomaly_paths
+    # the generated masks are the generation probabilities cut at the chosen tau
+    fractions = sorted(round(float((p > 0.65).float().mean()), 5) for c in calls if c["timesteps"] is None
+                       and c["probs"] is not None for p in c["probs"])
+    assert sorted(r["mask_fraction"] for r in read_manifest(out) if r["anomaly_type"]) == fractions
+    assert fractions != sorted(round(float((p > 0.2).float().mean()), 5) for c in calls if c["timesteps"] is None
+                               and c["probs"] is not None for p in c["probs"])
+
+
 def test_item_randomness_differs_per_item_and_repeats_per_item():
     # torch's CPU generator keeps only the low 32 bits of a seed: keys must differ there
     draws = [torch.randn(4, generator=M.item_generator(0, ty, i)) for ty in (None, "crack") for i in range(5)]
@@ -564,6 +638,11 @@ def test_bad_inputs_say_what_to_do(tmp_path, monkeypatch):
         M.load_generator(tmp_path)
     with pytest.raises(FileNotFoundError, match="checkpoint=<the run directory"):
         M.generate(OmegaConf.create({"method": {"generate": {}}, "device": "cpu"}), None, tmp_path / "out")
+    for bad in ("0.2x", 1.5, None):
+        with pytest.raises(ValueError, match="mask_threshold must be a number in \\(0, 1\\) or 'auto'"):
+            M.generate(OmegaConf.create({"method": {"generate": {"mask_threshold": bad}}, "device": "cpu"}), tmp_path,
+                       tmp_path / "out")
+    assert not (tmp_path / "out").exists()
     (tmp_path / "rmp.safetensors").write_bytes(b"")  # a mask branch saved by the earlier, non-official design
     (tmp_path / "rmp.json").write_text('{"coarse_channels": [32, 16], "mrm_channels": [32, 16, 8], "steps": 4}')
     with pytest.raises(ValueError, match="earlier toolkit version.*delete .*rmp.safetensors"):
