@@ -130,3 +130,31 @@ def test_the_denoiser_ends_with_its_ema_weights_using_the_warm_up_decay(tmp_path
         else:
             assert torch.equal(v, raw[k]), k
     assert moved > 10  # the step changed the weights, so the check above could fail
+
+
+def test_offset_noise_adds_one_constant_per_image_and_channel(tmp_path, monkeypatch):
+    """unet.offset_noise = s: the target noise is eps + s * c with c constant over each latent's pixels and drawn per
+    (image, channel); s = 0 keeps SD's plain noise (the same draws, so the runs differ only by the offset)."""
+    import core.models.pretrain as P
+    from core.models import build_random
+
+    pool = P.render_pool(("screw",), 2, 1, 64, seed=0, desc="pool")
+    targets = {}
+
+    def run(offset):
+        comp = build_random("tiny", seed=0)
+        latents = P.encode_pool(comp, pool)
+        seen = []
+        real_mse = P.F.mse_loss
+        monkeypatch.setattr(P.F, "mse_loss", lambda pred, target: seen.append(target.clone()) or real_mse(pred, target))
+        P.train_denoiser(comp, pool, latents, {**CFG["unet"], "batch": 3, "steps": 2, "checkpoint_every": 10,
+                                               "offset_noise": offset}, tmp_path / f"o{offset}", seed=0)
+        monkeypatch.undo()
+        targets[offset] = seen
+
+    run(0.0), run(0.5)
+    for plain, offset in zip(targets[0.0], targets[0.5]):
+        diff = offset - plain
+        assert diff.shape[0] == 3 and diff.shape[1] == 4
+        torch.testing.assert_close(diff, diff[:, :, :1, :1].expand_as(diff))  # constant over the pixels
+        assert diff[:, :, 0, 0].abs().min() > 0 and diff[:, :, 0, 0].unique().numel() == 12  # per image and channel

@@ -252,7 +252,10 @@ def train_denoiser(comp: SDComponents, pool: Pool, latents: torch.Tensor, cfg: d
         captions = ["" if rng.random() < cfg["caption_dropout"] else caption(pool.products[i], pool.defects[i], rng)
                     for i in idx.tolist()]
         z0 = latents[idx.to(latents.device)].to(dev)
-        eps = torch.randn(z0.shape, generator=g).to(dev)   # all randomness from the CPU generator, on any device
+        eps = torch.randn(z0.shape, generator=g)   # all randomness from the CPU generator, on any device
+        if cfg.get("offset_noise"):  # a constant per image and channel: the noise can hide the image's mean colour
+            eps = eps + float(cfg["offset_noise"]) * torch.randn(*z0.shape[:2], 1, 1, generator=g)
+        eps = eps.to(dev)
         t = torch.randint(T, (batch,), generator=g).to(dev)
         zt = comp.scheduler.add_noise(z0, eps, t)
         ctx = comp.encode_prompt(captions)

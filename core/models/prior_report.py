@@ -212,10 +212,10 @@ The exact configuration is `config.yaml` here (= `configs/{config_name}.yaml`): 
 {cfg['unet']['text_lr']}), warm-up {cfg['unet']['warmup']} and cosine decay to 10 %, EMA {cfg['unet']['ema']}. The report stage needs the
 world CLIP (`python scripts/train_world_clip.py`) for the CLIP evaluation below.
 
-Training time on 2 CPU cores, as logged by the last invocation (a stage resumed from its checkpoint only counts
-the steps it ran): rendering the corpus ({tr.get('pool_images', 'n/a')} images) {minutes(tr.get('render_seconds'))}; VAE {tr.get('vae', {}).get('steps_run')} steps in
-{minutes(tr.get('vae', {}).get('seconds'))}; U-Net + text {tr.get('denoiser', {}).get('steps_run')} steps in
-{minutes(tr.get('denoiser', {}).get('seconds'))}, final loss {tr.get('denoiser', {}).get('final_loss')}.
+Training time as logged by the invocations that made it (on {tr.get('vae', {}).get('device', '2 CPU cores')} unless said; a stage resumed from its
+checkpoint only counts the steps it ran): rendering the corpus ({tr.get('pool_images', 'n/a')} images) {minutes(tr.get('render_seconds'))}; VAE
+{tr.get('vae', {}).get('steps_run')} steps in {minutes(tr.get('vae', {}).get('seconds'))}; U-Net + text {tr.get('denoiser', {}).get('steps_run')} steps in
+{minutes(tr.get('denoiser', {}).get('seconds'))}{' on ' + tr['denoiser']['device'] if tr.get('denoiser', {}).get('device') else ''}, final loss {tr.get('denoiser', {}).get('final_loss')}.
 {cfg.get('timing_note', '')}
 
 ## What it knows, judged by the world CLIP
@@ -235,7 +235,7 @@ Fresh benchmark-look renders ({cfg['report']['held_out_images']} per product, ha
 The first rows: pretraining products (normal prompt, defect prompt); the rest: held-out products (normal prompt,
 "damaged" prompt): the prior knows the product and has never seen its defects.
 
-## Limits
+{('## Known weakness' + chr(10) + cfg['card_note'] + chr(10) + chr(10)) if cfg.get('card_note') else ''}## Limits
 A toy: it knows 13 procedural products and 7 defect kinds at 128 px. It is not a substitute for SD when judging a
 method's absolute quality on real data; it makes the workflows, the relative comparisons and the tests runnable
 on a CPU.
