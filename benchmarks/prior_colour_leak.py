@@ -8,7 +8,7 @@ ones, so the leak is relatively larger, and the samples' colour may ignore the p
 product, the mean RGB of its corpus images (web look), of samples of "a photo of a <product>" from plain noise, and
 of samples whose start noise carries the leaked mean of that product's latents (sqrt(alpha_bar_t0) * mean latent).
 
-    python benchmarks/prior_colour_leak.py [--model mini] [--products bottle screw leather] [--n 12]
+    python benchmarks/prior_colour_leak.py [--model mini | --path DIR] [--products bottle screw leather] [--n 12]
 """
 import argparse
 
@@ -27,12 +27,13 @@ def mean_rgb(x: torch.Tensor) -> list[float]:
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--model", default="mini", help="mini (v2) or mini_v1")
+    ap.add_argument("--path", default=None, help="a prior directory written by scripts/pretrain_prior.py instead")
     ap.add_argument("--products", nargs="+", default=["bottle", "screw", "leather", "pill"])
     ap.add_argument("--n", type=int, default=12)
     ap.add_argument("--guidance", type=float, default=4.0)
     a = ap.parse_args()
     torch.manual_seed(0)
-    comp = load_model({"kind": "mini", "version": 1 if a.model == "mini_v1" else 2})
+    comp = load_model({"kind": "mini", "version": 1 if a.model == "mini_v1" else 2, "path": a.path})
     sched = inference_scheduler(comp.scheduler.config, "ddim", "leading")
     sched.set_timesteps(25)
     t0 = int(sched.timesteps[0])
