@@ -223,6 +223,17 @@ def test_headroom_reports_the_share_of_the_gap_a_generator_closes():
     assert lines[-1] == "| Pixel AP | 20.00 | 60.00 | +40.00 | 0.75 |"
 
 
+def test_per_product_headroom_is_each_products_own_share_and_their_mean():
+    rec = lambda label, prod, ap, iou: {"label": label, "product": prod, "fold": 0, "pixel_ap": ap,  # noqa: E731
+                                        "pixel_iou": iou}
+    recs = [rec("baseline", "a", 0.2, 0.0), rec("oracle", "a", 0.6, 0.5), rec("gen", "a", 0.5, 0.1),
+            rec("baseline", "b", 0.5, 0.3), rec("oracle", "b", 0.6, 0.3), rec("gen", "b", 0.4, 0.2)]
+    lines = tables.headroom_per_product(tables.fold_average(recs, ["pixel_ap", "pixel_iou"]))
+    assert lines[2] == "| a | 0.75 | 0.20 |"
+    assert lines[3] == "| b | -1.00 | - |"          # b's IoU gap is zero
+    assert lines[4] == "| mean of the products' shares | -0.12 | 0.20 |"   # (0.75 - 1.00) / 2, not the averaged AP's
+
+
 # ----------------------------------------------------------------------------- training loop
 
 
