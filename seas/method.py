@@ -664,7 +664,7 @@ def generation_config(cfg: DictConfig) -> dict:
 def generate(cfg: DictConfig, checkpoint: Path | None, out_dir: Path) -> Path:
     """N image-mask pairs per anomaly type and N normal images (prompt "a <ob>") for ``cfg.product``, each from a
     noised real normal training image, written through :class:`core.export.GeneratedWriter` (resumable)."""
-    mask_threshold_setting(cfg.method.generate.get("mask_threshold", 0.2))
+    threshold = mask_threshold_setting(cfg.method.generate.get("mask_threshold", 0.2))  # before any work
     if checkpoint is None:
         raise FileNotFoundError("SeaS generates from a trained model: pass checkpoint=<the run directory of "
                                 "scripts/train.py method=seas ...>.")
@@ -685,7 +685,6 @@ def generate(cfg: DictConfig, checkpoint: Path | None, out_dir: Path) -> Path:
     scheduler = make_scheduler(comp, str(g.sampler), str(g.get("timestep_spacing", "linspace")))
     signal, noise_scale = start_signal(g), float(g.start_noise)
     gen_config = generation_config(cfg)
-    threshold = mask_threshold_setting(g.mask_threshold)
     if str(threshold) == "auto":
         calib = calibrate_mask_threshold(cfg, Path(checkpoint), comp, rmp, prompt, scheduler)
         threshold = calib["mask_threshold"]
