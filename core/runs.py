@@ -71,25 +71,3 @@ def generate(cfg: DictConfig, out_dir: Path, overrides: Sequence[str] = ()) -> P
     fn = load_method(cfg.method.name, "generate")
     save_config(cfg, out_dir, "generate_config.yaml")
     return fn(cfg, checkpoint, out_dir)
-
-
-def _evaluation(kind: str, cfg: DictConfig, run_dir: Path) -> Path:
-    import importlib.util
-
-    if importlib.util.find_spec("segmentation.protocols") is None:
-        from .registry import MethodNotImplementedError
-        raise MethodNotImplementedError(
-            f"{kind}: the downstream suite (segmentation/protocols.py) is not implemented yet; it is the "
-            f"'Downstream evaluation' issue of the tracker. The config composes: --cfg job shows it.")
-    from segmentation import protocols  # noqa: F401  (provides eval_downstream / eval_generation)
-
-    save_config(cfg, run_dir)
-    return getattr(protocols, kind)(cfg, run_dir)
-
-
-def eval_downstream(cfg: DictConfig, run_dir: Path) -> Path:
-    return _evaluation("eval_downstream", cfg, run_dir)
-
-
-def eval_generation(cfg: DictConfig, run_dir: Path) -> Path:
-    return _evaluation("eval_generation", cfg, run_dir)

@@ -6,7 +6,7 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
 from core.cli import exit_on_user_error
-from core.runs import eval_downstream
+from segmentation.protocols import eval_downstream
 
 
 @hydra.main(version_base="1.3", config_path="../configs", config_name="eval_downstream")

@@ -1,1 +1,3 @@
-"""Downstream evaluation (in progress; see the tracker): models trained on generated data, image scores, protocols."""
+"""Downstream evaluation of generated data: segmenters and detectors trained on it (``models``, ``train``), image
+scores, the papers' protocols and tables (``protocols``, ``tables``) and the generation metrics (``generation_eval``).
+See segmentation/README.md."""

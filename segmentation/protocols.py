@@ -28,6 +28,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from core.data import DatasetError, Sample, anomaly_types, apply_split, load_from_config
 from core.io import write_json
+from core.runs import resolve_device, save_config
 
 from . import tables
 from .data import ImagePool, load_generated, oracle_tree, take_per_type
@@ -394,11 +395,18 @@ def classifier_metrics(cfg, task, model, test, train_anomalies, size, device) ->
 # ----------------------------------------------------------------------------- entry points
 
 
+def drop_checkpoint(run_dir: Path, tag: str) -> None:
+    """Delete a finished unit's resume checkpoint (and the folder once empty)."""
+    ckpt = run_dir / "checkpoints" / f"{tag}.pt"
+    ckpt.unlink(missing_ok=True)
+    if ckpt.parent.is_dir() and not any(ckpt.parent.iterdir()):
+        ckpt.parent.rmdir()
+
+
 def eval_downstream(cfg: DictConfig, run_dir: Path) -> Path:
     """``scripts/eval_downstream.py``: every arm x fold x unit, then the tables. Returns the Markdown table path."""
-    from core.runs import resolve_device
-
     run_dir = Path(run_dir)
+    save_config(cfg, run_dir)
     device = resolve_device(cfg.device)
     table = load_from_config(cfg.dataset, cfg.get("products") or None)
     products = resolve_products(cfg, table)
@@ -422,7 +430,9 @@ def eval_downstream(cfg: DictConfig, run_dir: Path) -> Path:
                     records += json.loads(done.read_text())
                     continue
                 recs = run_unit(cfg, arm, int(fold), unit, split, generated, size, run_dir, device)
-                write_json(done, recs)
+                write_json(done, recs)  # the results file marks the unit done; its checkpoint only served a resume
+                if not cfg.get("keep_checkpoints", False):
+                    drop_checkpoint(run_dir, tag)
                 records += recs
     meta = {"protocol": cfg.protocol.name, "downstream": cfg.downstream.name, "dataset": cfg.dataset.name,
             "image_size": size, "arms": arms, "products": products,
@@ -434,4 +444,5 @@ def eval_downstream(cfg: DictConfig, run_dir: Path) -> Path:
 def eval_generation(cfg: DictConfig, run_dir: Path) -> Path:
     """``scripts/eval_generation.py``: see :mod:`segmentation.generation_eval`."""
     from .generation_eval import eval_generation as run
+    save_config(cfg, Path(run_dir))
     return run(cfg, run_dir)
