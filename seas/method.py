@@ -31,6 +31,7 @@ from core.diffusion import (AttentionStore, attention_control, capture_outputs, 
 from core.export import GeneratedWriter
 from core.io import atomic_write, torch_save, write_json
 from core.models import SDComponents, load_diffusers_dir, load_model
+from core.models.slim import is_slim, load_slim, save_slim, weights_hash
 from core.runs import resolve_device
 
 from .model import (RefinedMaskPrediction, SeaSLoss, UAPrompt, add_ua_tokens, anomaly_probability, da_layers, da_loss,
@@ -267,13 +268,28 @@ def _load_state(path: Path, modules: dict, optimizer: torch.optim.Optimizer, wha
     return int(state["step"])
 
 
+@dataclass
+class BaseModel:
+    """What a slim generator records of the model it was fine-tuned from, taken before the UA tokens are added."""
+    config: dict
+    sha256: str
+    table: torch.Tensor
+
+    @classmethod
+    def of(cls, comp: SDComponents, model_cfg) -> "BaseModel":
+        cfg = OmegaConf.to_container(model_cfg, resolve=True) if isinstance(model_cfg, DictConfig) else dict(model_cfg)
+        return cls(cfg, weights_hash(comp), comp.text_encoder.get_input_embeddings().weight.detach().cpu().clone())
+
+
 def train_generator(cfg: DictConfig, run_dir: Path, comp: SDComponents, data: TrainingImages,
-                    prompt: UAPrompt, on_step: Callable[[int], None] | None = None) -> Path:
+                    prompt: UAPrompt, base: BaseModel, on_step: Callable[[int], None] | None = None) -> Path:
     """Separation and Sharing fine-tuning (Eq. 6) for 800 x G updates; resumable from ``run_dir/train_state.pt``.
 
     Each update: ``batch_anomaly`` anomaly + ``batch_normal`` normal images in one forward pass; the whole U-Net
     (lr 4e-6) and the token embeddings (lr 4e-5) learn; the checkpoint is written atomically every
-    ``checkpoint_every`` updates. Returns the saved ``generator/`` directory.
+    ``checkpoint_every`` updates. Returns the saved ``generator/`` directory: a slim checkpoint (the U-Net, or its
+    difference to the base with ``save_unet=diff``, the changed embedding rows and the added tokens, against
+    ``base``; :mod:`core.models.slim`).
     """
     tcfg, seed = cfg.method.train, int(cfg.seed)
     steps = total_steps(tcfg, len(prompt.types), cfg.get("limits"))
@@ -302,7 +318,8 @@ def train_generator(cfg: DictConfig, run_dir: Path, comp: SDComponents, data: Tr
         if on_step is not None:
             on_step(done)
     comp.unet.eval()
-    out = comp.save(run_dir / "generator", config=OmegaConf.to_container(cfg, resolve=True))
+    out = save_slim(comp, run_dir / "generator", base.config, base.sha256, base.table,
+                    unet=str(tcfg.get("save_unet", "full")), config=OmegaConf.to_container(cfg, resolve=True))
     if state_path.exists():
         state_path.unlink()
     return out
@@ -416,19 +433,20 @@ def train(cfg: DictConfig, run_dir: Path) -> Path:
     anomalies, normals = training_samples(cfg, product)
     stages = list(cfg.method.train.get("stages") or ["generator", "rmp"])
     gen_dir = run_dir / "generator"
-    if "generator" in stages and not (gen_dir / "model_index.json").is_file():
+    if "generator" in stages and not generator_saved(gen_dir):
         comp = load_model(cfg.model).to(device)
+        base = BaseModel.of(comp, cfg.model)
         data = load_images(anomalies, normals, comp.resolution, str(cfg.method.train.get("preprocess", "official")))
         prompt = build_prompt(sorted({s.anomaly_type for s in anomalies}), comp, cfg.method.get("prompt"))
         write_json(run_dir / "seas.json", {"product": product, "prompt": prompt.to_dict(),
                                            "train_anomalies": data.anomaly_paths, "train_normals": data.normal_paths,
                                            "resolution": comp.resolution})
         t0 = time.time()
-        train_generator(cfg, run_dir, comp, data, prompt)
+        train_generator(cfg, run_dir, comp, data, prompt, base)
         _log_time(run_dir, "generator", time.time() - t0)
         del comp
     if "rmp" in stages and not (run_dir / "rmp.safetensors").is_file():
-        comp, prompt = load_generator(run_dir, device)
+        comp, prompt = load_generator(run_dir, device, cfg.model)
         data = load_images(anomalies, normals, comp.resolution, str(cfg.method.train.get("preprocess", "official")))
         t0 = time.time()
         train_rmp(cfg, run_dir, comp, data, prompt)
@@ -443,16 +461,27 @@ def _log_time(run_dir: Path, stage: str, seconds: float) -> None:
     write_json(path, times)
 
 
-def load_generator(run_dir: Path, device: torch.device | str = "cpu") -> tuple[SDComponents, UAPrompt]:
-    """The fine-tuned components and the UA prompt (ids from the saved tokenizer) of a training run."""
+def generator_saved(gen_dir: Path) -> bool:
+    """A finished generator: slim (this version) or a full diffusers directory (runs of earlier versions)."""
+    return is_slim(gen_dir) or (gen_dir / "model_index.json").is_file()
+
+
+def load_generator(run_dir: Path, device: torch.device | str = "cpu", base_model=None
+                   ) -> tuple[SDComponents, UAPrompt]:
+    """The fine-tuned components and the UA prompt (ids from the tokenizer) of a training run. A slim generator is
+    rebuilt on its base model: the recorded one, or ``base_model`` (a model config node, e.g. when the base moved);
+    a base whose content hash differs is refused (:class:`core.models.slim.BaseModelMismatchError`)."""
     run_dir = Path(run_dir)
     meta_path = run_dir / "seas.json"
-    if not (run_dir / "generator" / "model_index.json").is_file() or not meta_path.is_file():
+    if not generator_saved(run_dir / "generator") or not meta_path.is_file():
         raise FileNotFoundError(f"{run_dir} holds no trained SeaS generator (expected generator/ and seas.json). "
                                 f"Fix: run scripts/train.py method=seas ... hydra.run.dir={run_dir} to finish it.")
     meta = json.loads(meta_path.read_text())
-    comp = load_diffusers_dir(run_dir / "generator", "SeaS generator", "checkpoint", "nothing (train it)",
-                              resolution=meta.get("resolution"))
+    if is_slim(run_dir / "generator"):
+        comp = load_slim(run_dir / "generator", base_model)
+    else:
+        comp = load_diffusers_dir(run_dir / "generator", "SeaS generator", "checkpoint", "nothing (train it)",
+                                  resolution=meta.get("resolution"))
     comp.to(device)
     p = meta["prompt"]
     prompt = UAPrompt(tuple(p.pop("types")), **p)
@@ -670,7 +699,7 @@ def generate(cfg: DictConfig, checkpoint: Path | None, out_dir: Path) -> Path:
                                 "scripts/train.py method=seas ...>.")
     g = cfg.method.generate
     device = resolve_device(str(cfg.device))
-    comp, prompt = load_generator(checkpoint, device)
+    comp, prompt = load_generator(checkpoint, device, cfg.model)
     comp.unet.eval(), comp.vae.eval(), comp.text_encoder.eval()
     rmp = load_rmp(checkpoint, comp)
     meta = json.loads((Path(checkpoint) / "seas.json").read_text())
@@ -745,7 +774,7 @@ def generate(cfg: DictConfig, checkpoint: Path | None, out_dir: Path) -> Path:
     return Path(out_dir)
 
 
-__all__ = ["THRESHOLD_GRID", "Batch", "SeaSTrainer", "calibrate_mask_threshold", "choose_threshold", "TrainingImages", "build_prompt", "build_rmp", "generate", "load_generator",
+__all__ = ["THRESHOLD_GRID", "Batch", "SeaSTrainer", "calibrate_mask_threshold", "choose_threshold", "TrainingImages", "BaseModel", "build_prompt", "generator_saved", "build_rmp", "generate", "load_generator",
            "load_images", "load_rmp", "make_scheduler", "mixed_batch", "preprocess", "rmp_batch", "rmp_batch_loss",
            "rmp_features", "sample_with_masks", "source_index", "accumulate_gradients",
            "train", "train_generator", "train_rmp", "training_samples"]

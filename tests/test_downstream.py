@@ -78,6 +78,7 @@ def test_every_protocol_runs_end_to_end_with_all_three_arms(world, tmp_path, pro
     assert by_arm["baseline"]["n_train_normals"] == (0 if protocol == "defectdiffu" else 4)
     assert (tmp_path / "results.csv").is_file() and (tmp_path / "table_summary.csv").is_file()
     assert any((tmp_path / "grids").glob("*.png"))
+    assert not (tmp_path / "checkpoints").exists()  # keep_checkpoints=false: a finished unit keeps only its results
     # a rerun in the same run directory reuses the finished units instead of training again
     before = {f: f.stat().st_mtime_ns for f in (tmp_path / "results").glob("*.json")}
     protocols.eval_downstream(cfg, tmp_path)
@@ -100,8 +101,10 @@ def test_split_keeps_train_and_test_disjoint_in_every_arm(world, tmp_path):
 def test_classifier_protocols_run_end_to_end(world, tmp_path, task):
     name = {"type_classification": "resnet34", "binary_classification": "resnet50"}[task]
     cfg = _cfg(world, "anomalydiffusion" if name == "resnet34" else "defectdiffu", name,
-               ["limits.max_products=1", "arms=[baseline,generated]"])
+               ["limits.max_products=1", "arms=[baseline,generated]", "keep_checkpoints=true"])
     protocols.eval_downstream(cfg, tmp_path)
+    assert sorted(f.name for f in (tmp_path / "checkpoints").iterdir()) == [
+        f"{arm}_fold0_{p}.pt" for arm in ("baseline", "generated") for p in PRODUCTS[:1]]
     records = [r for f in (tmp_path / "results").glob("*.json") for r in json.loads(f.read_text())]
     assert len(records) == 2 and all(0.0 <= r["accuracy"] <= 1.0 for r in records)
     assert "Acc" in (tmp_path / "table.md").read_text()

@@ -455,15 +455,19 @@ def _cfg(**train):
                                                                           **train}})})
 
 
+TINY = {"kind": "tiny", "seed": 0}
+
+
 def _fresh():
     comp = build_random("tiny")
-    return comp, M.build_prompt(["crack", "stain"], comp, METHOD.prompt)
+    base = M.BaseModel.of(comp, TINY)  # before the UA tokens join the vocabulary
+    return comp, M.build_prompt(["crack", "stain"], comp, METHOD.prompt), base
 
 
 def test_killed_training_resumes_to_the_uninterrupted_weights(tmp_path):
     data = _tiny_data()
-    comp, prompt = _fresh()
-    M.train_generator(_cfg(), tmp_path / "a", comp, data, prompt)
+    comp, prompt, base = _fresh()
+    M.train_generator(_cfg(), tmp_path / "a", comp, data, prompt, base)
     reference = {k: v.clone() for k, v in comp.unet.state_dict().items()}
     ref_table = comp.text_encoder.get_input_embeddings().weight.detach().clone()
 
@@ -473,16 +477,40 @@ def test_killed_training_resumes_to_the_uninterrupted_weights(tmp_path):
     def kill(step):
         if step == 3:
             raise Killed
-    comp, prompt = _fresh()
+    comp, prompt, base = _fresh()
     with pytest.raises(Killed):
-        M.train_generator(_cfg(), tmp_path / "b", comp, data, prompt, on_step=kill)
+        M.train_generator(_cfg(), tmp_path / "b", comp, data, prompt, base, on_step=kill)
     assert (tmp_path / "b" / M.STATE).is_file() and not (tmp_path / "b" / "generator").exists()
-    comp, prompt = _fresh()  # a new process: the initial weights again, then the checkpoint of step 2
-    M.train_generator(_cfg(), tmp_path / "b", comp, data, prompt)
+    comp, prompt, base = _fresh()  # a new process: the initial weights again, then the checkpoint of step 2
+    M.train_generator(_cfg(), tmp_path / "b", comp, data, prompt, base)
     for k, v in comp.unet.state_dict().items():
         assert torch.equal(v, reference[k]), k
     assert torch.equal(comp.text_encoder.get_input_embeddings().weight.detach(), ref_table)
     assert not (tmp_path / "b" / M.STATE).exists()  # the resumable state goes once the result is saved
+    # the slim generator rebuilt on its base is the trained model, bit for bit
+    (tmp_path / "b" / "seas.json").write_text(__import__("json").dumps({"prompt": prompt.to_dict(), "resolution": 64}))
+    loaded, lprompt = M.load_generator(tmp_path / "b")
+    for k, v in loaded.unet.state_dict().items():
+        assert torch.equal(v, reference[k]), k
+    assert torch.equal(loaded.text_encoder.get_input_embeddings().weight.detach(), ref_table)
+    assert lprompt.ids == prompt.ids
+    assert not (tmp_path / "b" / "generator" / "vae").exists()  # the base's parts are not stored again
+
+
+def test_save_unet_diff_reloads_within_the_float16_rounding_of_the_change(tmp_path):
+    data = _tiny_data()
+    comp, prompt, base = _fresh()
+    M.train_generator(_cfg(save_unet="diff"), tmp_path, comp, data, prompt, base)
+    (tmp_path / "seas.json").write_text(__import__("json").dumps({"prompt": prompt.to_dict(), "resolution": 64}))
+    loaded, _ = M.load_generator(tmp_path)
+    start = build_random("tiny").unet.state_dict()
+    for k, v in comp.unet.state_dict().items():
+        change = (v - start[k]).abs().max()
+        err = (loaded.unet.state_dict()[k] - v).abs().max()
+        # float16 keeps 11 bits of each difference (absolute 2^-24 below its normal range); adding it back to
+        # the float32 base rounds once more
+        assert err <= change * 2 ** -10 + 2 ** -24 + v.abs().max() * 2 ** -23, (k, float(err), float(change))
+    assert any((loaded.unet.state_dict()[k] != start[k]).any() for k in start)  # the change was applied
 
 
 @pytest.fixture(scope="module")
@@ -511,7 +539,8 @@ def seas_run(world, tmp_path_factory):
 def test_train_and_generate_write_a_reloadable_mvtec_tree_with_binary_masks(seas_run, tmp_path, monkeypatch):
     from core.runs import generate
     run, common = seas_run
-    assert (run / "generator" / "model_index.json").is_file() and (run / "rmp.safetensors").is_file()
+    assert M.generator_saved(run / "generator") and (run / "rmp.safetensors").is_file()
+    assert (run / "generator" / "slim.json").is_file()
     out = tmp_path / "gen"
     gcfg = _compose("generate", common + [f"checkpoint={run}", f"out_dir={out}", "n_per_type=3",
                                           "limits.n_per_type=3", "method.generate.batch_size=2"])
@@ -750,3 +779,13 @@ def test_start_images_random_per_item_or_the_official_first_batch():
     g1, g2 = M.item_generator(0, "crack", 3), M.item_generator(0, "crack", 3)
     M.source_index("random", 60, 3, g1), M.source_index("first_batch", 60, 3, g2)
     torch.testing.assert_close(torch.randn(4, generator=g1), torch.randn(4, generator=g2))
+
+
+def test_a_run_refuses_to_generate_on_another_base_model(seas_run, tmp_path):
+    from core.models.slim import BaseModelMismatchError
+    from core.runs import generate
+    run, common = seas_run
+    gcfg = _compose("generate", common + [f"checkpoint={run}", f"out_dir={tmp_path / 'g'}", "model.seed=1"])
+    with pytest.raises(BaseModelMismatchError, match="fine-tuned from a base model"):
+        generate(gcfg, tmp_path / "g", overrides=["model.seed=1"])
+    assert not (tmp_path / "g" / "bottle").exists()
