@@ -12,6 +12,12 @@ name, then renamed), the record last. On opening, files without a record (left b
 torn last manifest line is dropped, so a rerun continues exactly where the previous one stopped and the tree never
 holds a half-written file or an image without its mask. A rerun with a different generation config refuses to mix
 the two in one folder.
+
+Sharded (N processes, :mod:`core.shard`): process k appends its records to ``manifest.shard<k>.jsonl`` (no two
+processes write one file), shard 0 repairs the folder before the others open it, and :meth:`GeneratedWriter.finalize`
+(shard 0, after all are done) merges every record into ``manifest.jsonl`` in one canonical order: the product's
+anomalies by type and index, then its normals by index. A one-process run ends with the same order, so the tree and
+manifest of N processes equal one process's byte for byte; a killed shard's records count as done on the rerun.
 """
 from __future__ import annotations
 
@@ -35,9 +41,12 @@ def config_hash(config: Any) -> str:
     return hashlib.sha256(json.dumps(config, sort_keys=True, default=str).encode()).hexdigest()[:12]
 
 
-def read_manifest(root: str | Path) -> list[dict]:
-    """The records of ``root/manifest.jsonl`` (a torn last line, from a killed run, is ignored)."""
-    path = Path(root) / MANIFEST
+def shard_manifests(root: str | Path) -> list[Path]:
+    """Per-shard manifests left by a sharded run that has not been finalised (killed, or still running)."""
+    return sorted(Path(root).glob("manifest.shard*.jsonl"), key=lambda p: int(p.stem.split("shard")[-1]))
+
+
+def _read_records(path: Path) -> list[dict]:
     if not path.is_file():
         return []
     records = []
@@ -47,6 +56,16 @@ def read_manifest(root: str | Path) -> list[dict]:
         except json.JSONDecodeError:
             break
     return records
+
+
+def read_manifest(root: str | Path) -> list[dict]:
+    """The records of ``root/manifest.jsonl`` and of any unmerged shard manifests (a torn last line, from a killed
+    run, is ignored)."""
+    return [r for path in (Path(root) / MANIFEST, *shard_manifests(root)) for r in _read_records(path)]
+
+
+def _item_key(r: dict) -> tuple:
+    return r.get("product"), r["kind"], r.get("anomaly_type"), int(r["index"])
 
 
 def _save_png(path: Path, array: np.ndarray) -> None:
@@ -61,12 +80,15 @@ class GeneratedWriter:
     """
 
     def __init__(self, root: str | Path, product: str, method: str, config: Any, checkpoint: str | None = None,
-                 seed: int = 0):
+                 seed: int = 0, shard: int = 0, shards: int = 1):
         self.root, self.product, self.method = Path(root), product, method
         self.checkpoint, self.seed = checkpoint, seed
         self.hash = config_hash(config)
+        self.manifest = self.root / (MANIFEST if shards == 1 else f"manifest.shard{shard}.jsonl")
         self.root.mkdir(parents=True, exist_ok=True)
-        self._repair_manifest()
+        if shard == 0:  # the others open after shard 0's repair (a barrier in the caller): nobody deletes another's work
+            for path in (self.root / MANIFEST, *shard_manifests(self.root)):
+                self._repair_manifest(path)
         mine = [r for r in read_manifest(self.root) if r.get("product") == product]
         other = sorted({r.get("config_hash") for r in mine} - {self.hash})
         if other:
@@ -75,7 +97,8 @@ class GeneratedWriter:
                 f"{self.hash}). Fix: choose a new out_dir, or delete {self.root / product} and its lines in "
                 f"{self.root / MANIFEST} to regenerate.")
         self.finished = {(r["kind"], r.get("anomaly_type"), int(r["index"])) for r in mine}
-        self._remove_orphans(mine)
+        if shard == 0:
+            self._remove_orphans(mine)
 
     # -------------------------------------------------------------------------------------------------- paths
     def anomaly_paths(self, anomaly_type: str, index: int) -> tuple[Path, Path]:
@@ -118,7 +141,7 @@ class GeneratedWriter:
                "mask": None if mask is None else str(mask.relative_to(self.root)),
                "checkpoint": self.checkpoint, "seed": self.seed, "config_hash": self.hash, **meta}
         line = json.dumps(rec, default=str) + "\n"
-        fd = os.open(self.root / MANIFEST, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        fd = os.open(self.manifest, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
         try:
             os.write(fd, line.encode())
             os.fsync(fd)
@@ -126,13 +149,33 @@ class GeneratedWriter:
             os.close(fd)
         self.finished.add((kind, anomaly_type, index))
 
-    # ------------------------------------------------------------------------------------------------ repairs
-    def _repair_manifest(self) -> None:
+    def finalize(self) -> bool:
+        """Merge the shard manifests into ``manifest.jsonl``, this product's records in canonical order (anomalies by
+        type and index, then normals by index) after the other products' in theirs. Call once, from shard 0, after
+        every shard has finished. Returns whether the manifest changed (False: nothing was written since)."""
+        seen, others, mine = set(), [], []
+        for r in read_manifest(self.root):
+            if _item_key(r) in seen:
+                continue
+            seen.add(_item_key(r))
+            (mine if r.get("product") == self.product else others).append(r)
+        mine.sort(key=lambda r: (r["kind"] != "anomaly", r.get("anomaly_type") or "", int(r["index"])))
+        text = "".join(json.dumps(r, default=str) + "\n" for r in others + mine)
         path = self.root / MANIFEST
+        shard_files = shard_manifests(self.root)
+        if not shard_files and path.is_file() and path.read_text() == text:
+            return False
+        atomic_write(path, lambda p: p.write_text(text))
+        for shard_file in shard_files:
+            shard_file.unlink()
+        return True
+
+    # ------------------------------------------------------------------------------------------------ repairs
+    def _repair_manifest(self, path: Path) -> None:
         if not path.is_file():
             return
         text = path.read_text()
-        good = sum(len(line) + 1 for line in text.splitlines()[:len(read_manifest(self.root))])
+        good = sum(len(line) + 1 for line in text.splitlines()[:len(_read_records(path))])
         if good < len(text):  # a torn or unparsable tail (killed mid-write): cut it off
             atomic_write(path, lambda p: p.write_text(text[:good]))
 
@@ -145,4 +188,4 @@ class GeneratedWriter:
                     f.unlink()
 
 
-__all__ = ["GeneratedWriter", "MANIFEST", "config_hash", "read_manifest"]
+__all__ = ["GeneratedWriter", "MANIFEST", "config_hash", "read_manifest", "shard_manifests"]

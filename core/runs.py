@@ -1,6 +1,7 @@
 """What the three entry scripts do, as plain functions the tests call (the scripts only add Hydra)."""
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Sequence
 
@@ -69,5 +70,6 @@ def generate(cfg: DictConfig, out_dir: Path, overrides: Sequence[str] = ()) -> P
     get_method(cfg.method.name)
     resolve_product(cfg)
     fn = load_method(cfg.method.name, "generate")
-    save_config(cfg, out_dir, "generate_config.yaml")
+    if int(os.environ.get("RANK", "0")) == 0:  # one process of a sharded launch writes the config
+        save_config(cfg, out_dir, "generate_config.yaml")
     return fn(cfg, checkpoint, out_dir)

@@ -33,6 +33,7 @@ from core.io import atomic_write, torch_save, write_json
 from core.models import SDComponents, load_diffusers_dir, load_model
 from core.models.slim import is_slim, load_slim, save_slim, weights_hash
 from core.runs import resolve_device
+from core.shard import current_shard
 
 from .model import (RefinedMaskPrediction, SeaSLoss, UAPrompt, add_ua_tokens, anomaly_probability, da_layers, da_loss,
                     official_start_signal, rmp_loss, seas_loss, token_positions)
@@ -698,7 +699,8 @@ def generate(cfg: DictConfig, checkpoint: Path | None, out_dir: Path) -> Path:
         raise FileNotFoundError("SeaS generates from a trained model: pass checkpoint=<the run directory of "
                                 "scripts/train.py method=seas ...>.")
     g = cfg.method.generate
-    device = resolve_device(str(cfg.device))
+    shard = current_shard(resolve_device(str(cfg.device)))  # torchrun / accelerate launch: this process's share
+    device = shard.device
     comp, prompt = load_generator(checkpoint, device, cfg.model)
     comp.unet.eval(), comp.vae.eval(), comp.text_encoder.eval()
     rmp = load_rmp(checkpoint, comp)
@@ -714,20 +716,32 @@ def generate(cfg: DictConfig, checkpoint: Path | None, out_dir: Path) -> Path:
     scheduler = make_scheduler(comp, str(g.sampler), str(g.get("timestep_spacing", "linspace")))
     signal, noise_scale = start_signal(g), float(g.start_noise)
     gen_config = generation_config(cfg)
-    if str(threshold) == "auto":
+    if str(threshold) == "auto":  # shard 0 calibrates and caches; the others read its cache
+        if not shard.is_main:
+            shard.barrier()
         calib = calibrate_mask_threshold(cfg, Path(checkpoint), comp, rmp, prompt, scheduler)
+        if shard.is_main:
+            shard.barrier()
         threshold = calib["mask_threshold"]
         gen_config["mask_threshold_chosen"] = threshold
         print(f"mask threshold chosen on the {calib['n_images']} training anomalies: tau = {threshold} "
               f"(IoU {calib['per_threshold'][str(threshold)]['iou']:.3f})")
-    writer = GeneratedWriter(out_dir, str(cfg.product), "seas", gen_config, str(checkpoint), int(cfg.seed))
+    open_writer = lambda: GeneratedWriter(out_dir, str(cfg.product), "seas", gen_config, str(checkpoint),  # noqa
+                                          int(cfg.seed), shard.index, shard.count)
+    writer = open_writer() if shard.is_main else None  # shard 0 repairs the folder before the others open it
+    shard.barrier()
+    writer = writer or open_writer()
     items = [(ty, i) for ty in prompt.types for i in range(n)] + [(None, i) for i in range(n_normals)]
-    todo = [it for it in items if not writer.is_done(*it)]
     bs = int(g.batch_size)
-    # anomalies and normals are never mixed in a batch: only anomalies need the mask branch
-    batches = [group[i:i + bs] for group in ([it for it in todo if it[0] is not None],
-                                             [it for it in todo if it[0] is None])
+    # anomalies and normals are never mixed in a batch (only anomalies need the mask branch); the batches are cut
+    # from the whole item list, so every shard count runs the same batches, and each shard takes every N-th
+    batches = [group[i:i + bs] for group in ([it for it in items if it[0] is not None],
+                                             [it for it in items if it[0] is None])
                for i in range(0, len(group), bs)]
+    # a partly written batch runs whole again (only its missing items are written): a batch's numbers can depend on
+    # its composition, so the same batches give the same bytes however the work was cut or resumed
+    batches = [b for b in shard.take(batches) if not all(writer.is_done(*it) for it in b)]
+    todo = [it for b in batches for it in b if not writer.is_done(*it)]
     sources_rule, source_batch = str(g.get("sources", "random")), int(g.get("source_batch", 10))
     preprocessing = str(cfg.method.train.get("preprocess", "official"))
     src_cache: dict[int, torch.Tensor] = {}
@@ -760,17 +774,21 @@ def generate(cfg: DictConfig, checkpoint: Path | None, out_dir: Path) -> Path:
                                           mask_latent=str(g.get("mask_latent", "input")))
         images = (images.permute(0, 2, 3, 1).cpu().numpy() * 255).round().astype(np.uint8)
         for k, (ty, i) in enumerate(b):
+            if writer.is_done(ty, i):
+                continue
             source = {"source": sources[src_idx[k]]}
             if ty is None:
                 writer.write_normal(i, images[k], **source)
             else:
                 mask = (probs[k] > float(threshold)).cpu().numpy()
                 writer.write_anomaly(ty, i, images[k], mask, mask_fraction=round(float(mask.mean()), 5), **source)
-    from core.data import load_folder
-    from core.data.visualize import contact_sheet
-    grid = Path(out_dir) / f"{cfg.product}_grid.png"
-    if todo or not grid.is_file():
-        contact_sheet(load_folder(out_dir, [str(cfg.product)]), grid)
+    shard.barrier()
+    if shard.is_main:
+        from core.data import load_folder
+        from core.data.visualize import contact_sheet
+        grid = Path(out_dir) / f"{cfg.product}_grid.png"
+        if writer.finalize() or not grid.is_file():
+            contact_sheet(load_folder(out_dir, [str(cfg.product)]), grid)
     return Path(out_dir)
 
 

@@ -789,3 +789,60 @@ def test_a_run_refuses_to_generate_on_another_base_model(seas_run, tmp_path):
     with pytest.raises(BaseModelMismatchError, match="fine-tuned from a base model"):
         generate(gcfg, tmp_path / "g", overrides=["model.seed=1"])
     assert not (tmp_path / "g" / "bottle").exists()
+
+
+def _tree(root: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*"))
+            if p.is_file() and p.name != "generate_config.yaml"}  # the config names its own out_dir
+
+
+def test_two_sharded_processes_write_the_one_process_tree_byte_for_byte(seas_run, tmp_path):
+    import subprocess
+    import sys
+    run, common = seas_run
+    args = common + [f"checkpoint={run}", "n_per_type=3", "method.generate.batch_size=2",
+                     "method.generate.mask_threshold=0.3"]
+    env = {**__import__("os").environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}  # same threads in both
+    one, two = tmp_path / "one", tmp_path / "two"
+    for cmd, out in (([sys.executable], one),
+                     ([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+                       "29531"], two)):
+        r = subprocess.run([*cmd, "scripts/generate.py", *args, f"out_dir={out}"], cwd=REPO, env=env,
+                           capture_output=True, text=True, timeout=600)
+        assert r.returncode == 0, r.stderr[-3000:]
+    assert _tree(two) == _tree(one)
+    # the two processes split the items: their counts add up to the whole, neither did it all
+    import re
+    counts = [int(c) for c in re.findall(r"SeaS generation \(bottle, (\d+) images\)", r.stderr)]
+    n_items = len(read_manifest(one))
+    assert max(counts) < n_items and (sum(set(counts)) == n_items or 2 * counts[0] == n_items), counts
+    assert not list(two.glob("manifest.shard*"))
+
+
+def test_a_killed_shard_resumes_to_the_uninterrupted_tree(seas_run, tmp_path, monkeypatch):
+    from core.export import GeneratedWriter
+    from core.runs import generate
+    from core.shard import Shard
+    run, common = seas_run
+    args = common + [f"checkpoint={run}", "n_per_type=3", "method.generate.batch_size=2",
+                     "method.generate.mask_threshold=0.3"]
+    ref = tmp_path / "ref"
+    generate(_compose("generate", args + [f"out_dir={ref}"]), ref, overrides=args)
+    out = tmp_path / "out"
+
+    class Killed(Exception):
+        pass
+    real = GeneratedWriter.write_anomaly
+
+    def die_after_one(self, *a, **kw):
+        real(self, *a, **kw)
+        raise Killed
+    # shard 1 of 2 dies after its first item, leaving its shard manifest (shard 0 never ran)
+    monkeypatch.setattr(M, "current_shard", lambda device: Shard(1, 2, device))
+    monkeypatch.setattr(GeneratedWriter, "write_anomaly", die_after_one)
+    with pytest.raises(Killed):
+        generate(_compose("generate", args + [f"out_dir={out}"]), out, overrides=args)
+    assert len(read_manifest(out)) == 1 and list(out.glob("manifest.shard1.jsonl"))
+    monkeypatch.undo()
+    generate(_compose("generate", args + [f"out_dir={out}"]), out, overrides=args)  # one process finishes it
+    assert _tree(out) == _tree(ref)
