@@ -67,3 +67,22 @@ def test_bad_arrays_are_rejected_before_anything_is_written(tmp_path):
     with pytest.raises(ValueError, match="uint8"):
         w.write_normal(0, _img().astype(np.float32))
     assert not list(tmp_path.rglob("*.png")) and read_manifest(tmp_path) == []
+
+
+def test_shard_manifests_merge_in_canonical_order_after_other_products(tmp_path):
+    GeneratedWriter(tmp_path, "pill", "m", {}).write_normal(0, _img())  # another product, written earlier
+    s0 = GeneratedWriter(tmp_path, "bottle", "m", {}, shard=0, shards=2)
+    s1 = GeneratedWriter(tmp_path, "bottle", "m", {}, shard=1, shards=2)
+    s1.write_normal(1, _img())
+    s0.write_normal(0, _img())
+    s1.write_anomaly("stain", 0, _img(), _mask())
+    s0.write_anomaly("crack", 1, _img(), _mask())
+    s1.write_anomaly("crack", 0, _img(), _mask())
+    assert json.loads((tmp_path / MANIFEST).read_text())["product"] == "pill"  # shards never write the main file
+    assert len(read_manifest(tmp_path)) == 6  # unmerged shard records count (a rerun skips them)
+    assert GeneratedWriter(tmp_path, "bottle", "m", {}).is_done("stain", 0)
+    assert s0.finalize() is True and not list(tmp_path.glob("manifest.shard*"))
+    order = [(r["product"], r["kind"], r["anomaly_type"], r["index"]) for r in read_manifest(tmp_path)]
+    assert order == [("pill", "normal", None, 0), ("bottle", "anomaly", "crack", 0), ("bottle", "anomaly", "crack", 1),
+                     ("bottle", "anomaly", "stain", 0), ("bottle", "normal", None, 0), ("bottle", "normal", None, 1)]
+    assert s0.finalize() is False  # nothing new: the manifest is left alone
