@@ -21,6 +21,7 @@ manifest of N processes equal one process's byte for byte; a killed shard's reco
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -64,6 +65,20 @@ def read_manifest(root: str | Path) -> list[dict]:
     return [r for path in (Path(root) / MANIFEST, *shard_manifests(root)) for r in _read_records(path)]
 
 
+@contextlib.contextmanager
+def manifest_lock(root: Path):
+    """An exclusive lock on the folder's manifests (``.manifest.lock``): appends and the final merge (a read and a
+    rewrite) never interleave, also when runs of several products write into one folder at once."""
+    import fcntl
+
+    with open(Path(root) / ".manifest.lock", "a") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
 def _item_key(r: dict) -> tuple:
     return r.get("product"), r["kind"], r.get("anomaly_type"), int(r["index"])
 
@@ -87,8 +102,9 @@ class GeneratedWriter:
         self.manifest = self.root / (MANIFEST if shards == 1 else f"manifest.shard{shard}.jsonl")
         self.root.mkdir(parents=True, exist_ok=True)
         if shard == 0:  # the others open after shard 0's repair (a barrier in the caller): nobody deletes another's work
-            for path in (self.root / MANIFEST, *shard_manifests(self.root)):
-                self._repair_manifest(path)
+            with manifest_lock(self.root):
+                for path in (self.root / MANIFEST, *shard_manifests(self.root)):
+                    self._repair_manifest(path)
         mine = [r for r in read_manifest(self.root) if r.get("product") == product]
         other = sorted({r.get("config_hash") for r in mine} - {self.hash})
         if other:
@@ -141,18 +157,23 @@ class GeneratedWriter:
                "mask": None if mask is None else str(mask.relative_to(self.root)),
                "checkpoint": self.checkpoint, "seed": self.seed, "config_hash": self.hash, **meta}
         line = json.dumps(rec, default=str) + "\n"
-        fd = os.open(self.manifest, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
-        try:
-            os.write(fd, line.encode())
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+        with manifest_lock(self.root):
+            fd = os.open(self.manifest, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+            try:
+                os.write(fd, line.encode())
+                os.fsync(fd)
+            finally:
+                os.close(fd)
         self.finished.add((kind, anomaly_type, index))
 
     def finalize(self) -> bool:
         """Merge the shard manifests into ``manifest.jsonl``, this product's records in canonical order (anomalies by
         type and index, then normals by index) after the other products' in theirs. Call once, from shard 0, after
         every shard has finished. Returns whether the manifest changed (False: nothing was written since)."""
+        with manifest_lock(self.root):  # other products' runs may append to the same folder meanwhile
+            return self._merge()
+
+    def _merge(self) -> bool:
         seen, others, mine = set(), [], []
         for r in read_manifest(self.root):
             if _item_key(r) in seen:

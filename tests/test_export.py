@@ -86,3 +86,28 @@ def test_shard_manifests_merge_in_canonical_order_after_other_products(tmp_path)
     assert order == [("pill", "normal", None, 0), ("bottle", "anomaly", "crack", 0), ("bottle", "anomaly", "crack", 1),
                      ("bottle", "anomaly", "stain", 0), ("bottle", "normal", None, 0), ("bottle", "normal", None, 1)]
     assert s0.finalize() is False  # nothing new: the manifest is left alone
+
+
+def test_two_products_written_at_once_into_one_folder_lose_no_record(tmp_path):
+    """Runs of two products (a Hydra multirun, say) share the folder: one's final merge must not drop the other's
+    records appended meanwhile."""
+    import multiprocessing as mp
+    ctx = mp.get_context("fork")
+    procs = [ctx.Process(target=_write_product, args=(tmp_path, p)) for p in ("bottle", "pill", "cable")]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join()
+        assert p.exitcode == 0
+    recs = read_manifest(tmp_path)
+    assert sorted((r["product"], r["index"]) for r in recs) == sorted(
+        (p, i) for p in ("bottle", "pill", "cable") for i in range(60))
+
+
+def _write_product(root, product):
+    w = GeneratedWriter(root, product, "m", {})
+    for i in range(60):
+        w.write_normal(i, _img(i))
+        if i % 2 == 0:
+            w.finalize()
+    w.finalize()
