@@ -1,6 +1,7 @@
 """Pretrain the mini prior (VAE, CLIP text encoder, conditional U-Net) on the synthetic world's pretraining products.
 
     python scripts/pretrain_prior.py                      # reproduces core/models/mini_prior (about 1 h, 2 cores)
+    python scripts/pretrain_prior.py stage=finetune finetune.steps=3000   # stage 3 only, on the prior in out_dir
     python scripts/pretrain_prior.py stage=report         # VAE error, sample grid, world-CLIP evaluation, model card
     python scripts/pretrain_prior.py stage=card           # the model card again from report.json (no sampling)
     python scripts/pretrain_prior.py smoke=true out_dir=/tmp/prior work_dir=/tmp/prior_work   # smoke run
@@ -15,7 +16,7 @@ import hydra
 from omegaconf import DictConfig, OmegaConf
 
 from core.models.prior_report import DEBUG_OVERRIDES, rewrite_card, write_report
-from core.models.pretrain import pretrain
+from core.models.pretrain import finetune, pretrain
 
 
 def run(cfg: dict) -> dict:
@@ -27,6 +28,11 @@ def run(cfg: dict) -> dict:
         report["training"] = pretrain(cfg, out_dir, work_dir)
         (work_dir / "training_report.json").write_text(json.dumps(report["training"], indent=2))
         print(json.dumps(report["training"], indent=2))
+    if cfg["stage"] in ("all", "finetune"):
+        report["finetune"] = finetune(cfg, out_dir, work_dir)
+        if report["finetune"]:
+            (work_dir / "finetune_report.json").write_text(json.dumps(report["finetune"], indent=2))
+            print(json.dumps(report["finetune"], indent=2))
     if cfg["stage"] in ("all", "report"):
         report["report"] = write_report(cfg, out_dir, work_dir)
     if cfg["stage"] == "card":

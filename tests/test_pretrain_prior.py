@@ -158,3 +158,32 @@ def test_offset_noise_adds_one_constant_per_image_and_channel(tmp_path, monkeypa
         assert diff.shape[0] == 3 and diff.shape[1] == 4
         torch.testing.assert_close(diff, diff[:, :, :1, :1].expand_as(diff))  # constant over the pixels
         assert diff[:, :, 0, 0].abs().min() > 0 and diff[:, :, 0, 0].unique().numel() == 12  # per image and channel
+
+
+def test_finetune_stage_continues_the_saved_prior_with_its_overrides(tmp_path, monkeypatch):
+    """Stage 3 starts from the prior as saved (float16), trains with the finetune overrides (offset noise, seed,
+    learning rates) and replaces the prior; steps 0 leaves it alone."""
+    from core.models import pretrain as P
+    cfg = {**CFG, "threads": None}
+    pretrain(cfg, tmp_path / "prior", tmp_path / "work")
+    saved = load_model({"kind": "mini", "path": str(tmp_path / "prior")})
+    assert P.finetune({**cfg, "finetune": {**cfg["finetune"], "steps": 0}}, tmp_path / "prior", tmp_path / "work") == {}
+    seen = {}
+    real = P.train_denoiser
+
+    def spy(comp, pool, latents, dcfg, work, seed):
+        seen.update(dcfg=dcfg, seed=seed, work=work,
+                    start={k: v.clone() for k, v in comp.unet.state_dict().items()})
+        return real(comp, pool, latents, dcfg, work, seed)
+    monkeypatch.setattr(P, "train_denoiser", spy)
+    ft = {**cfg["finetune"], "steps": 2}
+    report = P.finetune({**cfg, "finetune": ft}, tmp_path / "prior", tmp_path / "work")
+    assert report["denoiser"]["steps_run"] == 2
+    assert seen["seed"] == ft["seed"] and seen["work"] == tmp_path / "work" / "finetune"
+    assert seen["dcfg"]["offset_noise"] == ft["offset_noise"] and seen["dcfg"]["lr"] == ft["lr"]
+    assert seen["dcfg"]["batch"] == cfg["unet"]["batch"]  # the rest from the unet stage
+    for k, v in saved.unet.state_dict().items():  # it started from the saved (float16) weights
+        assert torch.equal(seen["start"][k], v), k
+    after = load_model({"kind": "mini", "path": str(tmp_path / "prior")})
+    assert any(not torch.equal(after.unet.state_dict()[k], v) for k, v in saved.unet.state_dict().items())
+    assert OmegaConf.load(tmp_path / "prior" / "config.yaml").finetune.steps == 2

@@ -34,7 +34,7 @@ from ..data.synthetic import (ALL_PRODUCTS, BENCHMARK_PRODUCTS, PRETRAIN_PRODUCT
                               sample_rng)
 from ..data.synthetic.appearance import KEEP_BENCHMARK
 from ..io import torch_save, write_json, write_text
-from .loading import SDComponents, build_random
+from .loading import SDComponents, build_random, load_model
 
 DEFECT_PHRASES: dict[str, str] = {
     "scratch": "a scratch", "crack": "a crack", "hole": "a hole", "stain": "a stain",
@@ -330,6 +330,32 @@ def pretrain(cfg: dict, out_dir: str | Path, work_dir: str | Path) -> dict:
     return report
 
 
+def finetune(cfg: dict, out_dir: str | Path, work_dir: str | Path) -> dict:
+    """Stage 3 (``finetune.steps`` > 0): the prior in ``out_dir`` as saved (float16 weights, loaded as float32)
+    trains on for ``finetune.steps`` more U-Net + text-encoder steps with the ``finetune`` overrides of the ``unet``
+    settings (offset noise, learning rates, warm-up, seed; a fresh optimiser and EMA), then replaces itself.
+    Resumable from ``<work_dir>/finetune/``. Returns the stage's report (empty when there is no stage 3)."""
+    ft = dict(cfg.get("finetune") or {})
+    if not int(ft.get("steps") or 0):
+        return {}
+    if cfg.get("threads"):
+        torch.set_num_threads(int(cfg["threads"]))
+    out_dir, work = Path(out_dir), Path(work_dir) / "finetune"
+    work.mkdir(parents=True, exist_ok=True)
+    comp = load_model({"kind": "mini", "path": str(out_dir)}).to(cfg.get("device") or "cpu")
+    source = dict(comp.source)
+    t0 = time.perf_counter()
+    pool = corpus_from_config(cfg)
+    latents = encode_pool(comp, pool)
+    seed = int(ft.pop("seed", cfg["seed"]))
+    report = {"encode_seconds": time.perf_counter() - t0}
+    report["denoiser"] = train_denoiser(comp, pool, latents, {**cfg["unet"], **ft,
+                                                             "checkpoint_every": cfg["checkpoint_every"]}, work, seed)
+    comp.source = {k: v for k, v in source.items() if k not in ("path",)}
+    save_prior(comp.to("cpu"), out_dir, cfg, half=cfg.get("save_half", True))
+    return report
+
+
 def corpus_record(cfg: dict, pool: Pool, manifest_sha: str) -> dict:
     """What the corpus held (counts per product and state) and the sha256 of its full manifest; shipped beside the
     model so that anyone can check which defects it has seen (``corpus_manifest.jsonl`` in the work dir is the
@@ -347,6 +373,7 @@ def save_prior(comp: SDComponents, out_dir: Path, cfg: dict, half: bool) -> None
     comp.unet.float(), comp.vae.float(), comp.text_encoder.float()
 
 
-__all__ = ["DEFECT_PHRASES", "Pool", "caption", "check_corpus_products", "corpus_from_config", "encode_pool", "pretrain",
+__all__ = ["DEFECT_PHRASES", "Pool", "caption", "check_corpus_products", "corpus_from_config", "encode_pool", "finetune",
+           "pretrain",
            "render_corpus", "render_pool", "train_denoiser", "train_vae", "vae_reconstruction", "write_manifest",
            "PRETRAIN_PRODUCTS", "BENCHMARK_PRODUCTS"]
