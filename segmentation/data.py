@@ -33,7 +33,7 @@ def load_generated(root: str | Path, products: Sequence[str], dataset_types: dic
     if not root.is_dir():
         raise DatasetError(f"generated={root} is not a directory. Fix: pass the out_dir of scripts/generate.py "
                            f"(an MVTec-layout tree: <product>/test/<type>/*.png + <product>/ground_truth/...).")
-    available = sorted(p.name for p in root.iterdir() if p.is_dir())
+    available = sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
     missing = [p for p in products if p not in available]
     if missing:
         raise DatasetError(f"generated={root} has no folder for product(s) {', '.join(missing)} (it has: "
