@@ -18,6 +18,7 @@ import torch
 from torch.utils.data import Dataset
 
 from core.data import DatasetError, Sample, load_folder, read_image, read_mask, validate_files
+from core.data.mvtec_ad import find_products
 from core.data.torch_dataset import PairedTransform, to_tensor
 
 
@@ -33,7 +34,7 @@ def load_generated(root: str | Path, products: Sequence[str], dataset_types: dic
     if not root.is_dir():
         raise DatasetError(f"generated={root} is not a directory. Fix: pass the out_dir of scripts/generate.py "
                            f"(an MVTec-layout tree: <product>/test/<type>/*.png + <product>/ground_truth/...).")
-    available = sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+    available = find_products(root)  # product folders only (not e.g. the .sweep/ of a generation multirun)
     missing = [p for p in products if p not in available]
     if missing:
         raise DatasetError(f"generated={root} has no folder for product(s) {', '.join(missing)} (it has: "

@@ -29,6 +29,7 @@ import torch
 from omegaconf import DictConfig
 
 from core.data import DatasetError, apply_split, load_from_config
+from core.data.mvtec_ad import find_products
 from core.metrics.generation import (ICLPIPSVariant, extract, fid, ic_lpips, inception_score_from_logits, kid,
                                      lpips_distance)
 
@@ -101,7 +102,7 @@ def eval_generation(cfg: DictConfig, run_dir: Path, extractor=None, lpips_model=
     gen_root = Path(cfg.generated).expanduser()
     if not gen_root.is_dir():
         raise DatasetError(f"generated={gen_root} is not a directory. Fix: pass the out_dir of scripts/generate.py.")
-    products = list(cfg.products) if cfg.get("products") else sorted(p.name for p in gen_root.iterdir() if p.is_dir())
+    products = list(cfg.products) if cfg.get("products") else find_products(gen_root)  # not e.g. .sweep/
     if cfg.limits.get("max_products"):
         products = products[: int(cfg.limits.max_products)]
     table = load_from_config(cfg.dataset, products)

@@ -338,6 +338,7 @@ def test_eval_generation_writes_a_per_product_table(world, tmp_path):
     from segmentation.generation_eval import eval_generation
 
     w, gen = world
+    (gen / ".sweep" / "bottle").mkdir(parents=True, exist_ok=True)  # a generation multirun's job folder: no product
     with initialize_config_dir(config_dir=CONFIGS, version_base="1.3"):
         cfg = compose(config_name="eval_generation",
                       overrides=[f"dataset.root={w}", "dataset.resolution=64", f"generated={gen}",
