@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import shutil
 from pathlib import Path
 from typing import Any, Literal
 
@@ -75,7 +76,6 @@ def save_slim(comp: SDComponents, out_dir: str | Path, base_model: dict, base_ha
     final = Path(out_dir)
     out = final.with_name(final.name + ".partial")
     if out.exists():
-        import shutil
         shutil.rmtree(out)
     out.mkdir(parents=True)
     vocab = int(base_table.shape[0])
