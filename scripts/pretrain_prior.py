@@ -1,7 +1,8 @@
 """Pretrain the mini prior (VAE, CLIP text encoder, conditional U-Net) on the synthetic world's pretraining products.
 
-    python scripts/pretrain_prior.py                      # reproduces core/models/mini_prior (about 1 h, 2 cores)
-    python scripts/pretrain_prior.py stage=finetune finetune.steps=3000   # stage 3 only, on the prior in out_dir
+    python scripts/pretrain_prior.py                      # reproduces core/models/mini_prior (about 2 h 15 min, 2 cores)
+    python scripts/pretrain_prior.py stage=train          # stages 1-2 only (VAE, U-Net + text encoder)
+    python scripts/pretrain_prior.py stage=finetune       # stage 3 only (offset noise), on the stage-2 prior in out_dir
     python scripts/pretrain_prior.py stage=report         # VAE error, sample grid, world-CLIP evaluation, model card
     python scripts/pretrain_prior.py stage=card           # the model card again from report.json (no sampling)
     python scripts/pretrain_prior.py smoke=true out_dir=/tmp/prior work_dir=/tmp/prior_work   # smoke run

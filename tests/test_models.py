@@ -62,6 +62,9 @@ def test_saved_tiny_pipeline_round_trips_offline(tmp_path, monkeypatch):
         torch.testing.assert_close(comp.unet(z, 10, ctx_a).sample, loaded.unet(z, 10, ctx_b).sample)
         torch.testing.assert_close(comp.decode_latents(z), loaded.decode_latents(z))
     assert loaded.scheduler.config.beta_schedule == "scaled_linear"
+    again = loaded.save(tmp_path / "again")   # a model loaded from a path and saved must not record that path
+    for sub in ("unet", "vae", "text_encoder"):
+        assert str(out) not in (again / sub / "config.json").read_text(), sub
 
 
 def test_saving_over_an_existing_model_replaces_it_whole(tmp_path):

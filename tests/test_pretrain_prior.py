@@ -1,6 +1,7 @@
 """The mini-prior script runs end to end at smoke size and writes a loadable prior with its report."""
 import json
 
+import pytest
 import torch
 from omegaconf import OmegaConf
 
@@ -167,6 +168,7 @@ def test_finetune_stage_continues_the_saved_prior_with_its_overrides(tmp_path, m
     cfg = {**CFG, "threads": None}
     pretrain(cfg, tmp_path / "prior", tmp_path / "work")
     saved = load_model({"kind": "mini", "path": str(tmp_path / "prior")})
+    corpus = (tmp_path / "prior" / "corpus.json").read_text()
     assert P.finetune({**cfg, "finetune": {**cfg["finetune"], "steps": 0}}, tmp_path / "prior", tmp_path / "work") == {}
     seen = {}
     real = P.train_denoiser
@@ -187,3 +189,29 @@ def test_finetune_stage_continues_the_saved_prior_with_its_overrides(tmp_path, m
     after = load_model({"kind": "mini", "path": str(tmp_path / "prior")})
     assert any(not torch.equal(after.unet.state_dict()[k], v) for k, v in saved.unet.state_dict().items())
     assert OmegaConf.load(tmp_path / "prior" / "config.yaml").finetune.steps == 2
+    assert after.source["finetune"]["steps"] == 2 and after.source["finetune"]["seed"] == ft["seed"]
+    assert (tmp_path / "prior" / "corpus.json").read_text() == corpus   # what it was trained on stays beside it
+    # rerunning resumes from the stage-3 checkpoint (the same weights); without it, it refuses to fine-tune twice
+    P.finetune({**cfg, "finetune": ft}, tmp_path / "prior", tmp_path / "work")
+    again = load_model({"kind": "mini", "path": str(tmp_path / "prior")})
+    for k, v in after.unet.state_dict().items():
+        assert torch.equal(again.unet.state_dict()[k], v), k
+    (tmp_path / "work" / "finetune" / "denoiser_state.pt").unlink()
+    with pytest.raises(ValueError, match="already had stage 3"):
+        P.finetune({**cfg, "finetune": ft}, tmp_path / "prior", tmp_path / "work")
+
+
+def test_the_script_runs_all_three_stages_and_the_card_tells_stage_3(tmp_path):
+    """scripts/pretrain_prior.py stage=all smoke=true: train, fine-tune (stage 3), report; the card and toolkit.json
+    say what stage 3 did."""
+    import importlib.util
+    spec = importlib.util.spec_from_file_location("pretrain_prior_script", "scripts/pretrain_prior.py")
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    cfg = OmegaConf.to_container(OmegaConf.load("configs/pretrain_prior.yaml"))
+    cfg.update(smoke=True, threads=None, stage="all", out_dir=str(tmp_path / "prior"), work_dir=str(tmp_path / "work"))
+    report = script.run(cfg)
+    assert report["training"]["denoiser"]["steps_run"] == 3 and report["finetune"]["denoiser"]["steps_run"] == 2
+    card = (tmp_path / "prior" / "README.md").read_text()
+    assert "Stage 3" in card and "2 steps in" in card and f"offset noise {cfg['finetune']['offset_noise']}" in card
+    assert json.loads((tmp_path / "prior" / "toolkit.json").read_text())["source"]["finetune"]["steps"] == 2

@@ -110,6 +110,11 @@ class SDComponents:
         self.text_encoder.save_pretrained(out / "text_encoder")
         self.tokenizer.save_pretrained(out / "tokenizer")
         self.scheduler.save_pretrained(out / "scheduler")
+        for name in ("unet", "vae", "text_encoder"):   # a model loaded from a path records it; a saved one must not
+            cfg_file = out / name / "config.json"
+            conf = json.loads(cfg_file.read_text())
+            if conf.pop("_name_or_path", None) is not None:
+                _write_json(cfg_file, conf)
         index = {"_class_name": "StableDiffusionPipeline", "_diffusers_version": _diffusers_version(),
                  "unet": ["diffusers", "UNet2DConditionModel"], "vae": ["diffusers", "AutoencoderKL"],
                  "text_encoder": ["transformers", "CLIPTextModel"], "tokenizer": ["transformers", "CLIPTokenizer"],

@@ -344,6 +344,11 @@ def finetune(cfg: dict, out_dir: str | Path, work_dir: str | Path) -> dict:
     work.mkdir(parents=True, exist_ok=True)
     comp = load_model({"kind": "mini", "path": str(out_dir)}).to(cfg.get("device") or "cpu")
     source = dict(comp.source)
+    if source.get("finetune") and not (work / "denoiser_state.pt").is_file():
+        raise ValueError(f"The prior in {out_dir} has already had stage 3 ({source['finetune']}) and {work} holds no "
+                         f"stage-3 checkpoint to resume, so running it again would fine-tune twice. Start from the "
+                         f"stage-2 prior (python scripts/pretrain_prior.py stage=train, then stage=finetune) or set "
+                         f"finetune.steps=0.")
     t0 = time.perf_counter()
     pool = corpus_from_config(cfg)
     latents = encode_pool(comp, pool)
@@ -351,8 +356,11 @@ def finetune(cfg: dict, out_dir: str | Path, work_dir: str | Path) -> dict:
     report = {"encode_seconds": time.perf_counter() - t0}
     report["denoiser"] = train_denoiser(comp, pool, latents, {**cfg["unet"], **ft,
                                                              "checkpoint_every": cfg["checkpoint_every"]}, work, seed)
-    comp.source = {k: v for k, v in source.items() if k not in ("path",)}
+    comp.source = {**{k: v for k, v in source.items() if k not in ("path",)}, "finetune": {**ft, "seed": seed}}
+    corpus = (out_dir / "corpus.json").read_bytes() if (out_dir / "corpus.json").is_file() else None
     save_prior(comp.to("cpu"), out_dir, cfg, half=cfg.get("save_half", True))
+    if corpus is not None:   # the same corpus trained stage 3; the report and card describe the old weights and go
+        (out_dir / "corpus.json").write_bytes(corpus)
     return report
 
 
