@@ -40,8 +40,22 @@ def train(cfg: DictConfig, run_dir: Path) -> Path:
     get_method(cfg.method.name)
     resolve_product(cfg)
     fn = load_method(cfg.method.name, "train")
-    save_config(cfg, run_dir)
+    run_dir = shared_run_dir(cfg, run_dir)
+    if int(os.environ.get("RANK", "0")) == 0:
+        save_config(cfg, run_dir)
     return fn(cfg, run_dir)
+
+
+def shared_run_dir(cfg: DictConfig, run_dir: Path) -> Path:
+    """Under a multi-process launch every process takes process 0's run directory (Hydra's default one carries a
+    timestamp, which the processes may read a second apart)."""
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return Path(run_dir)
+    from accelerate import PartialState
+    from accelerate.utils import broadcast_object_list
+
+    PartialState(cpu=resolve_device(str(cfg.device)).type == "cpu")
+    return Path(broadcast_object_list([str(run_dir)])[0])
 
 
 def merge_checkpoint_config(cfg: DictConfig, checkpoint: Path, overrides: Sequence[str]) -> DictConfig:

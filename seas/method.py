@@ -11,6 +11,7 @@ Run directory written by ``train`` (``scripts/train.py``)::
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import time
 from dataclasses import dataclass
@@ -28,8 +29,9 @@ from core.data import DatasetError, Sample, load_from_config, read_image, read_m
 from core.data.torch_dataset import PairedTransform, to_tensor
 from core.diffusion import (AttentionStore, attention_control, capture_outputs, cfg_eps, img2img_start,
                             inference_scheduler, previous_latent, sample)
+from core.engine import Engine, EngineSpec, make_adamw
 from core.export import GeneratedWriter
-from core.io import atomic_write, torch_save, write_json
+from core.io import atomic_write, write_json
 from core.models import SDComponents, load_diffusers_dir, load_model
 from core.models.slim import is_slim, load_slim, save_slim, weights_hash
 from core.runs import resolve_device
@@ -156,17 +158,8 @@ def build_prompt(types: Sequence[str], comp: SDComponents, cfg_prompt: DictConfi
 
 
 def make_optimizer(params: list[dict], kind: str, weight_decay: float) -> torch.optim.Optimizer:
-    """AdamW (paper, A.3); ``adamw8bit``: bitsandbytes' 8-bit AdamW, which the official code forces (memory only)."""
-    if kind == "adamw":
-        return torch.optim.AdamW(params, weight_decay=weight_decay)
-    if kind == "adamw8bit":
-        try:
-            import bitsandbytes as bnb
-        except ImportError:
-            raise ImportError("method.train.optimizer=adamw8bit needs bitsandbytes (pip install bitsandbytes, CUDA "
-                              "only); use optimizer=adamw otherwise.") from None
-        return bnb.optim.AdamW8bit(params, weight_decay=weight_decay)
-    raise ValueError(f"Unknown method.train.optimizer '{kind}'. Use adamw or adamw8bit.")
+    """AdamW or 8-bit AdamW (``method.train.optimizer``); :func:`core.engine.make_adamw`."""
+    return make_adamw(params, kind, weight_decay)
 
 
 def total_steps(stage_cfg: DictConfig, n_types: int, limits: DictConfig | None) -> int:
@@ -176,14 +169,21 @@ def total_steps(stage_cfg: DictConfig, n_types: int, limits: DictConfig | None) 
     return int(min(steps, cap) if cap else steps)
 
 
-def accumulate_gradients(loss_fn: Callable, items: Sequence) -> list:
-    """Gradient accumulation: backward of loss_fn(item) / len(items) for each item, so the accumulated gradient is that
-    of the mean loss (what accelerate's ``accumulate`` + ``backward`` do in the official code). Returns the losses
-    (a :class:`seas.model.SeaSLoss` counts by its ``total``)."""
+def accumulate_gradients(loss_fn: Callable, items: Sequence, engine: Engine | None = None,
+                         units: int | None = None) -> list:
+    """Gradient accumulation: backward of loss_fn(item) / units for each item (``units``: the global batch's
+    micro-batch count, default ``len(items)``), so the accumulated gradient, summed over processes, is that of the
+    mean loss (what accelerate's ``accumulate`` + ``backward`` do in the official code). The forward passes run under
+    ``engine``'s autocast. Returns the losses (a :class:`seas.model.SeaSLoss` counts by its ``total``)."""
     losses = []
     for item in items:
-        loss = loss_fn(item)
-        ((loss.total if isinstance(loss, SeaSLoss) else loss) / len(items)).backward()
+        with engine.autocast() if engine is not None else contextlib.nullcontext():
+            loss = loss_fn(item)
+        total = loss.total if isinstance(loss, SeaSLoss) else loss
+        if engine is not None:
+            engine.backward(total, units or len(items))
+        else:
+            (total / (units or len(items))).backward()
         losses.append(loss)
     return losses
 
@@ -191,8 +191,10 @@ def accumulate_gradients(loss_fn: Callable, items: Sequence) -> list:
 class SeaSTrainer:
     """One optimizer update of Eq. 6 on a mixed batch; the pieces ``train_generator`` and the benchmark share."""
 
-    def __init__(self, comp: SDComponents, prompt: UAPrompt, tcfg: DictConfig):
+    def __init__(self, comp: SDComponents, prompt: UAPrompt, tcfg: DictConfig, engine: Engine | None = None):
         self.comp, self.prompt, self.cfg = comp, prompt, tcfg
+        self.engine = engine or Engine(EngineSpec.from_config(tcfg), comp.device)
+        self.engine.prepare_unet(comp.unet)
         self.layers = da_layers(comp.unet, comp.latent_size)
         self.convention = str(tcfg.da_convention)
         self.store = AttentionStore(softmax="token" if self.convention == "paper" else "spatial", keep_grad=True)
@@ -234,39 +236,26 @@ class SeaSTrainer:
         self.store.reset()
         return seas_loss(eps_pred, eps.to(dev), batch.n_anomaly, da, float(self.cfg.da_weight))
 
-    def backward(self, batches: Sequence[tuple[Batch, torch.Tensor, torch.Tensor]]) -> dict[str, float]:
-        """Gradients of the mean of Eq. 6 over ``batches`` (gradient accumulation); returns the mean terms."""
-        terms = accumulate_gradients(lambda item: self.loss(*item), batches)
-        return {k: sum(float(getattr(t, a).detach()) for t in terms) / len(terms)
+    def backward(self, batches: Sequence[tuple[Batch, torch.Tensor, torch.Tensor]], units: int | None = None
+                 ) -> dict[str, float]:
+        """Gradients of the mean of Eq. 6 over the global batch (gradient accumulation; ``batches`` are this
+        process's micro-batches of ``units``); returns the mean terms over all processes."""
+        terms = accumulate_gradients(lambda item: self.loss(*item), batches, self.engine, units)
+        return {k: self.engine.reduce_mean(sum(float(getattr(t, a).detach()) for t in terms) / len(terms))
                 for k, a in (("loss", "total"), ("sd", "sd"), ("na", "na"), ("da", "da"))}
 
-    def step(self, batches: Sequence[tuple[Batch, torch.Tensor, torch.Tensor]]) -> dict[str, float]:
-        """One optimizer update over ``batches`` (gradient accumulation)."""
+    def step(self, batches: Sequence[tuple[Batch, torch.Tensor, torch.Tensor]], units: int | None = None
+             ) -> dict[str, float]:
+        """One optimizer update over the global batch (this process's ``batches`` of ``units`` micro-batches)."""
         self.optimizer.zero_grad(set_to_none=True)
-        logs = self.backward(batches)
+        logs = self.backward(batches, units)
         if self.row_mask is not None and self.table.grad is not None:
-            self.table.grad.mul_(self.row_mask)
-        self.optimizer.step()
+            self.table.grad.mul_(self.row_mask)   # linear, so masking before the sum over processes is the same
+        self.engine.step(self.optimizer)
         if self.row_mask is not None:  # AdamW's weight decay moves every row: put the frozen ones back
             with torch.no_grad():
                 self.table.copy_(torch.where(self.row_mask.bool(), self.table, self.frozen_rows))
         return logs
-
-
-def _load_state(path: Path, modules: dict, optimizer: torch.optim.Optimizer, what: str) -> int:
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=False)
-        for k, m in modules.items():
-            if isinstance(m, torch.Tensor):
-                with torch.no_grad():
-                    m.copy_(state[k])
-            else:
-                m.load_state_dict(state[k])
-        optimizer.load_state_dict(state["optimizer"])
-    except (RuntimeError, KeyError, EOFError, OSError) as e:
-        raise RuntimeError(f"Cannot resume {what} from {path}: {e}. The file is from another configuration or "
-                           f"damaged; delete it to start this stage afresh.") from e
-    return int(state["step"])
 
 
 @dataclass
@@ -283,46 +272,51 @@ class BaseModel:
 
 
 def train_generator(cfg: DictConfig, run_dir: Path, comp: SDComponents, data: TrainingImages,
-                    prompt: UAPrompt, base: BaseModel, on_step: Callable[[int], None] | None = None) -> Path:
+                    prompt: UAPrompt, base: BaseModel, on_step: Callable[[int], None] | None = None,
+                    engine: Engine | None = None) -> Path:
     """Separation and Sharing fine-tuning (Eq. 6) for 800 x G updates; resumable from ``run_dir/train_state.pt``.
 
-    Each update: ``batch_anomaly`` anomaly + ``batch_normal`` normal images in one forward pass; the whole U-Net
-    (lr 4e-6) and the token embeddings (lr 4e-5) learn; the checkpoint is written atomically every
-    ``checkpoint_every`` updates. Returns the saved ``generator/`` directory: a slim checkpoint (the U-Net, or its
-    difference to the base with ``save_unet=diff``, the changed embedding rows and the added tokens, against
-    ``base``; :mod:`core.models.slim`).
+    Each update: ``grad_accum`` mixed batches of ``batch_anomaly`` anomaly + ``batch_normal`` normal images (each
+    batch in one forward pass), shared among the processes of a multi-process launch; the whole U-Net (lr 4e-6) and
+    the token embeddings (lr 4e-5) learn; the checkpoint is written atomically every ``checkpoint_every`` updates.
+    Returns the saved ``generator/`` directory: a slim checkpoint (the U-Net, or its difference to the base with
+    ``save_unet=diff``, the changed embedding rows and the added tokens, against ``base``; :mod:`core.models.slim`).
     """
     tcfg, seed = cfg.method.train, int(cfg.seed)
     steps = total_steps(tcfg, len(prompt.types), cfg.get("limits"))
-    trainer = SeaSTrainer(comp, prompt, tcfg)
+    engine = engine or Engine(EngineSpec.from_config(tcfg), comp.device)
+    trainer = SeaSTrainer(comp, prompt, tcfg, engine)
     state_path = run_dir / STATE
-    start = 0
-    if state_path.is_file():
-        start = _load_state(state_path, {"unet": comp.unet, "table": trainer.table}, trainer.optimizer, "training")
+    modules, optimizers = {"unet": comp.unet, "table": trainer.table}, {"optimizer": trainer.optimizer}
+    start = engine.load(state_path, modules, optimizers, "SeaS fine-tuning")[0] if state_path.is_file() else 0
     T = comp.scheduler.config.num_train_timesteps
     accum, every = int(tcfg.grad_accum), int(tcfg.checkpoint_every)
-    bar = tqdm(range(start, steps), desc=f"SeaS fine-tuning ({cfg.product})", initial=start, total=steps)
+    mine = engine.mine(accum, "mixed batches (method.train.grad_accum)")
+    bar = tqdm(range(start, steps), desc=f"SeaS fine-tuning ({cfg.product})", initial=start, total=steps,
+               disable=not engine.is_main)
     for step in bar:
         batches = []
-        for a in range(accum):
+        for a in mine:
             b = mixed_batch(data, seed, step * accum + a, int(tcfg.batch_anomaly), int(tcfg.batch_normal),
                             bool(tcfg.augment))
             latent = (b.images.shape[0], comp.unet.config.in_channels, comp.latent_size, comp.latent_size)
             t, eps = batch_noise(seed, step * accum + a, latent, T)
             batches.append((b, t, eps))
-        logs = trainer.step(batches)
+        logs = trainer.step(batches, accum)
         bar.set_postfix({k: f"{v:.4f}" for k, v in logs.items()})
         done = step + 1
         if done % every == 0 and done < steps:
-            torch_save({"unet": comp.unet.state_dict(), "table": trainer.table.detach().cpu(),
-                        "optimizer": trainer.optimizer.state_dict(), "step": done}, state_path)
+            engine.save(state_path, done, modules, optimizers)
         if on_step is not None:
             on_step(done)
     comp.unet.eval()
-    out = save_slim(comp, run_dir / "generator", base.config, base.sha256, base.table,
-                    unet=str(tcfg.get("save_unet", "full")), config=OmegaConf.to_container(cfg, resolve=True))
-    if state_path.exists():
-        state_path.unlink()
+    out = run_dir / "generator"
+    if engine.is_main:
+        save_slim(comp, out, base.config, base.sha256, base.table, unet=str(tcfg.get("save_unet", "full")),
+                  config=OmegaConf.to_container(cfg, resolve=True))
+        if state_path.exists():
+            state_path.unlink()
+    engine.barrier()
     return out
 
 
@@ -380,12 +374,13 @@ def rmp_batch_loss(comp: SDComponents, rmp: RefinedMaskPrediction, batch: Batch,
 
 
 def train_rmp(cfg: DictConfig, run_dir: Path, comp: SDComponents, data: TrainingImages, prompt: UAPrompt,
-              on_step: Callable[[int], None] | None = None) -> Path:
+              on_step: Callable[[int], None] | None = None, engine: Engine | None = None) -> Path:
     """The RMP branch (Sec. 3.3) on the frozen fine-tuned generator: Eq. 7 with 2 anomaly + 2 normal images per
     mini-batch (normals: all-zero targets, upsampled coarse features), gradient accumulation ``grad_accum`` (official
-    2), AdamW lr 5e-4, 800 x G updates; resumable."""
+    2, shared among processes), AdamW lr 5e-4, 800 x G updates; resumable."""
     rcfg, seed = cfg.method.rmp, int(cfg.seed)
     steps = total_steps(rcfg, len(prompt.types), cfg.get("limits"))
+    engine = engine or Engine(EngineSpec.from_config(cfg.method.train), comp.device)
     comp.unet.eval(), comp.vae.eval(), comp.text_encoder.eval()
     for m in (comp.unet, comp.vae, comp.text_encoder):
         m.requires_grad_(False)
@@ -394,32 +389,36 @@ def train_rmp(cfg: DictConfig, run_dir: Path, comp: SDComponents, data: Training
     rmp.to(comp.device).train()
     opt = torch.optim.AdamW(rmp.parameters(), lr=float(rcfg.lr), weight_decay=float(cfg.method.train.weight_decay))
     state_path = run_dir / STATE
-    start = _load_state(state_path, {"rmp": rmp}, opt, "RMP training") if state_path.is_file() else 0
+    start = engine.load(state_path, {"rmp": rmp}, {"optimizer": opt}, "RMP training")[0] if state_path.is_file() else 0
     accum = int(rcfg.get("grad_accum", 1))
+    mine = engine.mine(accum, "mini-batches (method.rmp.grad_accum)")
     latent_shape = (comp.unet.config.in_channels, comp.latent_size, comp.latent_size)
     with torch.no_grad():
         e_cache = {ty: comp.encode_prompt([prompt.prompt(ty)]) for ty in (*prompt.types, None)}
-    bar = tqdm(range(start, steps), desc=f"SeaS mask branch ({cfg.product})", initial=start, total=steps)
+    bar = tqdm(range(start, steps), desc=f"SeaS mask branch ({cfg.product})", initial=start, total=steps,
+               disable=not engine.is_main)
     for step in bar:
         items = [rmp_batch(data, rcfg, seed, step * accum + a, bool(cfg.method.train.augment), rcfg.t_range,
-                           latent_shape) for a in range(accum)]
+                           latent_shape) for a in mine]
         opt.zero_grad(set_to_none=True)
-        losses = accumulate_gradients(lambda it: rmp_batch_loss(comp, rmp, *it, e_cache, rcfg), items)
-        opt.step()
-        loss = sum(float(x.detach()) for x in losses) / len(losses)
+        losses = accumulate_gradients(lambda it: rmp_batch_loss(comp, rmp, *it, e_cache, rcfg), items, engine, accum)
+        engine.step(opt)
+        loss = engine.reduce_mean(sum(float(x.detach()) for x in losses) / len(losses))
         bar.set_postfix(loss=f"{loss:.4f}")
         done = step + 1
         if done % int(rcfg.checkpoint_every) == 0 and done < steps:
-            torch_save({"rmp": rmp.state_dict(), "optimizer": opt.state_dict(), "step": done}, state_path)
+            engine.save(state_path, done, {"rmp": rmp}, {"optimizer": opt})
         if on_step is not None:
             on_step(done)
     rmp.eval()
-    atomic_write(run_dir / "rmp.safetensors", lambda p: save_file({k: v.contiguous().cpu()
-                                                                    for k, v in rmp.state_dict().items()}, str(p)))
-    write_json(run_dir / "rmp.json", {**{k: list(v) if isinstance(v, tuple) else v for k, v in kw.items()},
-                                      "steps": steps})
-    if state_path.exists():
-        state_path.unlink()
+    if engine.is_main:
+        atomic_write(run_dir / "rmp.safetensors", lambda p: save_file({k: v.contiguous().cpu()
+                                                                        for k, v in rmp.state_dict().items()}, str(p)))
+        write_json(run_dir / "rmp.json", {**{k: list(v) if isinstance(v, tuple) else v for k, v in kw.items()},
+                                          "steps": steps})
+        if state_path.exists():
+            state_path.unlink()
+    engine.barrier()
     return run_dir / "rmp.safetensors"
 
 
@@ -429,7 +428,8 @@ def train(cfg: DictConfig, run_dir: Path) -> Path:
     when ``rmp.safetensors`` exists). ``method.train.stages`` may restrict it to [generator] or [rmp]."""
     run_dir = Path(run_dir)
     product = str(cfg.product)
-    device = resolve_device(str(cfg.device))
+    engine = Engine(EngineSpec.from_config(cfg.method.train), resolve_device(str(cfg.device)))
+    device = engine.device
     torch.manual_seed(int(cfg.seed))
     anomalies, normals = training_samples(cfg, product)
     stages = list(cfg.method.train.get("stages") or ["generator", "rmp"])
@@ -439,19 +439,22 @@ def train(cfg: DictConfig, run_dir: Path) -> Path:
         base = BaseModel.of(comp, cfg.model)
         data = load_images(anomalies, normals, comp.resolution, str(cfg.method.train.get("preprocess", "official")))
         prompt = build_prompt(sorted({s.anomaly_type for s in anomalies}), comp, cfg.method.get("prompt"))
-        write_json(run_dir / "seas.json", {"product": product, "prompt": prompt.to_dict(),
-                                           "train_anomalies": data.anomaly_paths, "train_normals": data.normal_paths,
-                                           "resolution": comp.resolution})
+        if engine.is_main:
+            write_json(run_dir / "seas.json", {"product": product, "prompt": prompt.to_dict(),
+                                               "train_anomalies": data.anomaly_paths,
+                                               "train_normals": data.normal_paths, "resolution": comp.resolution})
         t0 = time.time()
-        train_generator(cfg, run_dir, comp, data, prompt, base)
-        _log_time(run_dir, "generator", time.time() - t0)
+        train_generator(cfg, run_dir, comp, data, prompt, base, engine=engine)
+        if engine.is_main:
+            _log_time(run_dir, "generator", time.time() - t0)
         del comp
     if "rmp" in stages and not (run_dir / "rmp.safetensors").is_file():
         comp, prompt = load_generator(run_dir, device, cfg.model)
         data = load_images(anomalies, normals, comp.resolution, str(cfg.method.train.get("preprocess", "official")))
         t0 = time.time()
-        train_rmp(cfg, run_dir, comp, data, prompt)
-        _log_time(run_dir, "rmp", time.time() - t0)
+        train_rmp(cfg, run_dir, comp, data, prompt, engine=engine)
+        if engine.is_main:
+            _log_time(run_dir, "rmp", time.time() - t0)
     return run_dir
 
 
