@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import pickle
 from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any, Iterable, Mapping
@@ -125,10 +126,19 @@ class Engine:
         dtype = torch.bfloat16 if self.spec.mixed_precision == "bf16" else torch.float16
         return torch.autocast(device_type=self.device.type, dtype=dtype)
 
-    def prepare_unet(self, unet: torch.nn.Module) -> torch.nn.Module:
-        """Apply the memory savers to a diffusers U-Net."""
+    def prepare_unet(self, unet: torch.nn.Module, captured: Iterable[str] = ()) -> torch.nn.Module:
+        """Apply the memory savers to a diffusers U-Net. Gradient checkpointing skips every block that holds one of
+        the ``captured`` attention layers: their capture processors are installed only during the forward pass, so a
+        recomputation in backward would run another processor."""
         if self.spec.gradient_checkpointing:
             unet.enable_gradient_checkpointing()
+            modules = dict(unet.named_modules())
+            for name in captured:
+                parts = name.split(".")
+                for i in range(len(parts) + 1):
+                    m = modules.get(".".join(parts[:i]))
+                    if m is not None and m is not unet and getattr(m, "gradient_checkpointing", None) is True:
+                        m.gradient_checkpointing = False
         return unet
 
     # ------------------------------------------------------------------------------------------ step
@@ -179,6 +189,24 @@ class Engine:
                 for g, part in zip(bucket, flat.split([g.numel() for g in bucket])):
                     g.copy_(part.view_as(g))
 
+    def sync_buffers(self, module: torch.nn.Module) -> None:
+        """Average a module's floating-point buffers (BatchNorm's running statistics) over processes, so that every
+        process keeps statistics of all the global batch's micro-batches. They are not one process's statistics:
+        that one moves them once per micro-batch, N processes once per update each (N times fewer momentum steps,
+        which matters early in training only). Integer buffers (BatchNorm's batch count, which only momentum=None
+        reads) stay per process."""
+        if not self.distributed:
+            return
+        import torch.distributed as dist
+
+        floats = [b for b in module.buffers() if b.dtype.is_floating_point]
+        if floats:
+            flat = torch.cat([b.reshape(-1) for b in floats])
+            dist.all_reduce(flat)
+            flat /= self.world
+            for b, part in zip(floats, flat.split([b.numel() for b in floats])):
+                b.copy_(part.view_as(b))
+
     def reduce_mean(self, value: float) -> float:
         """A logged number averaged over processes (every process gets the same)."""
         if not self.distributed:
@@ -218,8 +246,10 @@ class Engine:
             if self.scaler is not None and state.get("scaler"):
                 self.scaler.load_state_dict(state["scaler"])
             _set_rng_state(state["rng"])
-        except (RuntimeError, KeyError, EOFError, OSError, ValueError, TypeError) as e:
-            raise RuntimeError(f"Cannot resume {what} from {path}: {e}. The file is from another configuration, an "
+        except (RuntimeError, KeyError, EOFError, OSError, ValueError, TypeError, pickle.UnpicklingError) as e:
+            why = ("it holds more than tensors and plain containers, which a weights_only load refuses"
+                   if isinstance(e, pickle.UnpicklingError) or "Weights only" in str(e) else str(e).splitlines()[0])
+            raise RuntimeError(f"Cannot resume {what} from {path}: {why}. The file is from another configuration, an "
                                f"older version of the toolkit or damaged; delete it to start this stage afresh.") from e
         return int(state["step"]), dict(state.get("extra") or {})
 

@@ -194,8 +194,8 @@ class SeaSTrainer:
     def __init__(self, comp: SDComponents, prompt: UAPrompt, tcfg: DictConfig, engine: Engine | None = None):
         self.comp, self.prompt, self.cfg = comp, prompt, tcfg
         self.engine = engine or Engine(EngineSpec.from_config(tcfg), comp.device)
-        self.engine.prepare_unet(comp.unet)
         self.layers = da_layers(comp.unet, comp.latent_size)
+        self.engine.prepare_unet(comp.unet, [n for v in self.layers.values() for n in v])
         self.convention = str(tcfg.da_convention)
         self.store = AttentionStore(softmax="token" if self.convention == "paper" else "spatial", keep_grad=True)
         comp.vae.requires_grad_(False)
@@ -403,6 +403,7 @@ def train_rmp(cfg: DictConfig, run_dir: Path, comp: SDComponents, data: Training
         opt.zero_grad(set_to_none=True)
         losses = accumulate_gradients(lambda it: rmp_batch_loss(comp, rmp, *it, e_cache, rcfg), items, engine, accum)
         engine.step(opt)
+        engine.sync_buffers(rmp)   # BatchNorm running statistics of the whole global batch
         loss = engine.reduce_mean(sum(float(x.detach()) for x in losses) / len(losses))
         bar.set_postfix(loss=f"{loss:.4f}")
         done = step + 1

@@ -5,8 +5,10 @@
   anomaly pool and the rest from the normal pool (AnomalyDiffusion: half / half); with ``None`` items are drawn
   uniformly from the union (SeaS: one dataset of generated pairs + normal images).
 - Resumable: ``checkpoint`` is rewritten atomically every ``checkpoint_every`` steps (model, optimizer, scheduler,
-  step); a rerun continues from it and reproduces the uninterrupted run exactly (dropout and augmentation draw
-  from generators seeded per step).
+  step, losses; :class:`core.engine.Engine`); a rerun continues from it and reproduces the uninterrupted run exactly
+  (dropout and augmentation draw from generators seeded per step).
+- On the engine: ``mixed_precision`` and ``grad_clip``; under a multi-process launch the processes share each
+  step's batch (the same global batch; BatchNorm statistics are then per process, as with plain DDP).
 """
 from __future__ import annotations
 
@@ -20,7 +22,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from core.io import torch_save
+from core.engine import Engine, EngineSpec
 
 from .data import ImagePool
 from .unet import focal_loss
@@ -42,6 +44,8 @@ class TrainSpec:
     augment: bool = True               # random flips and 90-degree rotations, applied to image and mask together
     checkpoint_every: int = 200
     seed: int = 0
+    mixed_precision: str = "no"        # the engine (core/engine.py): no | bf16 | fp16 (GPU)
+    grad_clip: float | None = None
 
     @classmethod
     def from_config(cls, node) -> "TrainSpec":
@@ -126,21 +130,23 @@ def train(model: nn.Module, anomalies: ImagePool, normals: ImagePool, spec: Trai
     with image (B,3,H,W), mask (B,H,W), label (B,), index (B,) and ``source`` (B,) 1 = anomaly pool."""
     if len(anomalies) + len(normals) == 0:
         raise ValueError(f"{desc}: nothing to train on (both pools are empty).")
+    engine = Engine(EngineSpec.from_config(dataclasses.asdict(spec)), device)
+    device = engine.device
     model.to(device).train()
     opt, sched = make_optimizer(model, spec)
     start, losses = 0, []
     checkpoint = Path(checkpoint) if checkpoint else None
     if checkpoint is not None and checkpoint.is_file():
-        state = torch.load(checkpoint, map_location=device, weights_only=False)
-        if state.get("spec") != dataclasses.asdict(spec):
-            raise ValueError(f"{checkpoint} was written with other training settings ({state.get('spec')}). "
+        start, extra = engine.load(checkpoint, {"model": model}, {"optimizer": opt, "scheduler": sched}, desc)
+        if extra.get("spec") != dataclasses.asdict(spec):
+            raise ValueError(f"{checkpoint} was written with other training settings ({extra.get('spec')}). "
                              f"Fix: delete it to start over, or rerun with the settings it was written with.")
-        model.load_state_dict(state["model"])
-        opt.load_state_dict(state["optimizer"])
-        sched.load_state_dict(state["scheduler"])
-        start, losses = state["step"], state["losses"]
-    bar = tqdm(range(start, spec.steps), desc=desc, initial=start, total=spec.steps, leave=False, dynamic_ncols=True)
+        losses = list(extra["losses"])
+    mine = engine.mine(spec.batch_size, "images (train.batch_size)")
+    bar = tqdm(range(start, spec.steps), desc=desc, initial=start, total=spec.steps, leave=False, dynamic_ncols=True,
+               disable=not engine.is_main)
     for step in bar:
+        # the whole batch from (seed, step), then this process's items of it (BatchNorm statistics stay per process)
         ia, inn = batch_indices(len(anomalies), len(normals), spec, step)
         parts = [anomalies.batch(ia)] if ia else []
         parts += [normals.batch(inn)] if inn else []
@@ -151,21 +157,21 @@ def train(model: nn.Module, anomalies: ImagePool, normals: ImagePool, spec: Trai
             batch["image"], batch["mask"] = augment(batch["image"], batch["mask"], g)
         if normalize is not None:
             batch["image"] = normalize(batch["image"])
-        batch = {k: v.to(device) for k, v in batch.items()}
+        batch = {k: v[mine.start:mine.stop].to(device) for k, v in batch.items()}
         torch.manual_seed(spec.seed * 9_000_011 + step)  # dropout
-        loss = loss_fn(model, batch, spec)
-        if not math.isfinite(loss.item()):
-            raise FloatingPointError(f"{desc}: loss is {loss.item()} at step {step}; lower the learning rate.")
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        sched.step()
-        losses.append(loss.item())
-        bar.set_postfix(loss=f"{loss.item():.4f}")
+        with engine.autocast():
+            loss = loss_fn(model, batch, spec)
+        value = engine.reduce_mean(loss.item())
+        if not math.isfinite(value):
+            raise FloatingPointError(f"{desc}: loss is {value} at step {step}; lower the learning rate.")
+        engine.backward(loss, engine.world)   # the mean over this process's items; the processes' sum / world
+        engine.step(opt, sched)
+        losses.append(value)
+        bar.set_postfix(loss=f"{value:.4f}")
         done = step + 1
         if checkpoint is not None and (done % spec.checkpoint_every == 0 or done == spec.steps):
-            torch_save({"model": model.state_dict(), "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
-                        "step": done, "losses": losses, "spec": dataclasses.asdict(spec)}, checkpoint)
+            engine.save(checkpoint, done, {"model": model}, {"optimizer": opt, "scheduler": sched},
+                        {"losses": losses, "spec": dataclasses.asdict(spec)})
     model.eval()
     return {"losses": losses, "resumed_from": start}
 

@@ -292,7 +292,7 @@ def test_interrupted_training_resumes_to_the_uninterrupted_weights(tmp_path):
             train(c, anomalies, normals, spec2, ckpt)
     finally:
         T.make_optimizer = orig
-    assert torch.load(ckpt, weights_only=False)["step"] == 2
+    assert torch.load(ckpt, weights_only=True)["step"] == 2
     d2 = DiscriminativeUNet(base=4)
     out = train(d2, anomalies, normals, spec2, ckpt)
     assert out["resumed_from"] == 2

@@ -122,7 +122,7 @@ def test_the_denoiser_ends_with_its_ema_weights_using_the_warm_up_decay(tmp_path
     latents = encode_pool(comp, pool)
     w0 = {k: v.clone() for k, v in comp.unet.state_dict().items()}
     train_denoiser(comp, pool, latents, {**CFG["unet"], "steps": 1, "checkpoint_every": 1}, tmp_path, seed=0)
-    raw = torch.load(tmp_path / "denoiser_state.pt", weights_only=False)["unet"]
+    raw = torch.load(tmp_path / "denoiser_state.pt", weights_only=True)["modules"]["unet"]
     moved = 0
     for k, v in comp.unet.state_dict().items():
         if v.dtype.is_floating_point:

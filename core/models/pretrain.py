@@ -33,7 +33,8 @@ from tqdm.auto import tqdm
 from ..data.synthetic import (ALL_PRODUCTS, BENCHMARK_PRODUCTS, PRETRAIN_PRODUCTS, PRODUCTS, render, render_web,
                               sample_rng)
 from ..data.synthetic.appearance import KEEP_BENCHMARK
-from ..io import torch_save, write_json, write_text
+from ..engine import Engine, EngineSpec
+from ..io import write_json, write_text
 from .loading import SDComponents, build_random, load_model
 
 DEFECT_PHRASES: dict[str, str] = {
@@ -158,10 +159,6 @@ def _to_tensor(images: np.ndarray) -> torch.Tensor:
     return torch.from_numpy(images).permute(0, 3, 1, 2).float() / 255.0
 
 
-def _save_atomic(obj: Any, path: Path) -> None:
-    torch_save(obj, path)
-
-
 def lr_lambda(warmup: int, total: int, floor: float = 0.1):
     """Linear warm-up, then cosine decay from 1 to ``floor`` (a multiplier of the base learning rate)."""
     def f(step: int) -> float:
@@ -171,22 +168,28 @@ def lr_lambda(warmup: int, total: int, floor: float = 0.1):
     return f
 
 
+def _engine(cfg: dict, device: torch.device) -> Engine:
+    """The stage's engine: its config node's engine keys, gradient clipping at 1.0 unless it says otherwise."""
+    return Engine(EngineSpec.from_config({"grad_clip": 1.0, **cfg}), device)
+
+
 def train_vae(comp: SDComponents, pool: Pool, cfg: dict, work_dir: Path, seed: int) -> dict:
-    """Stage 1. Returns timing and the final losses; sets ``vae.config.scaling_factor``."""
+    """Stage 1. Returns timing and the final losses; sets ``vae.config.scaling_factor``. Each step's batch (crops,
+    flips, latent noise) is drawn whole from (seed, step); the processes of a multi-process launch share its items."""
     vae = comp.vae.train()
+    engine = _engine(cfg, comp.device)
     dev = comp.device
     opt = torch.optim.AdamW(vae.parameters(), lr=cfg["lr"], weight_decay=0.0)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(cfg.get("warmup", 100), cfg["steps"]))
     ckpt, start = work_dir / "vae_state.pt", 0
     if ckpt.is_file():
-        state = torch.load(ckpt, map_location="cpu", weights_only=False)
-        vae.load_state_dict(state["model"]), opt.load_state_dict(state["opt"]), sched.load_state_dict(state["sched"])
-        start = state["step"]
+        start = engine.load(ckpt, {"model": vae}, {"opt": opt, "sched": sched}, "the VAE stage")[0]
     images = _to_tensor(pool.images)
     crop, batch = int(cfg["crop"]), int(cfg["batch"])
+    mine = engine.mine(batch, "images (vae.batch)")
     res = images.shape[-1]
     t0, losses = time.perf_counter(), []
-    bar = tqdm(range(start, cfg["steps"]), desc="VAE", initial=start, total=cfg["steps"])
+    bar = tqdm(range(start, cfg["steps"]), desc="VAE", initial=start, total=cfg["steps"], disable=not engine.is_main)
     for step in bar:
         g = torch.Generator().manual_seed(seed * 1_000_003 + step)
         idx = torch.randint(len(images), (batch,), generator=g)
@@ -194,20 +197,20 @@ def train_vae(comp: SDComponents, pool: Pool, cfg: dict, work_dir: Path, seed: i
         xs = torch.randint(res - crop + 1, (batch,), generator=g)
         x = torch.stack([images[i, :, y:y + crop, x_:x_ + crop] for i, y, x_ in zip(idx, ys, xs)]) * 2 - 1
         flip = torch.rand(batch, generator=g) < 0.5
-        x = torch.where(flip[:, None, None, None], x.flip(-1), x).to(dev)
-        dist = vae.encode(x).latent_dist
-        rec = vae.decode(dist.sample(g)).sample   # diffusers draws a CPU generator's noise on the CPU, then moves it
-        rec_loss = F.l1_loss(rec, x) + F.mse_loss(rec, x)
-        loss = rec_loss + cfg["kl_weight"] * dist.kl().mean()
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(vae.parameters(), 1.0)
-        opt.step(), sched.step()
-        losses.append(rec_loss.item())
+        x = torch.where(flip[:, None, None, None], x.flip(-1), x)[mine.start:mine.stop].to(dev)
+        with engine.autocast():
+            dist = vae.encode(x).latent_dist
+            # the latent noise of the whole batch, from the step's CPU generator (what diffusers' sample(g) draws)
+            noise = torch.randn((batch, *dist.mean.shape[1:]), generator=g)[mine.start:mine.stop]
+            rec = vae.decode(dist.mean + dist.std * noise.to(dev, dist.mean.dtype)).sample
+            rec_loss = F.l1_loss(rec.float(), x) + F.mse_loss(rec.float(), x)
+            loss = rec_loss + cfg["kl_weight"] * dist.kl().mean()
+        engine.backward(loss, engine.world)   # the mean over this process's items; the processes' sum / world
+        engine.step(opt, sched)
+        losses.append(engine.reduce_mean(rec_loss.item()))
         bar.set_postfix(rec=f"{np.mean(losses[-50:]):.4f}")
         if (step + 1) % cfg["checkpoint_every"] == 0 or step + 1 == cfg["steps"]:
-            _save_atomic({"model": vae.state_dict(), "opt": opt.state_dict(), "sched": sched.state_dict(),
-                          "step": step + 1}, ckpt)
+            engine.save(ckpt, step + 1, {"model": vae}, {"opt": opt, "sched": sched})
         if cfg.get("stop_after") and step + 1 >= cfg["stop_after"]:  # as if killed here (tests of resuming)
             break
     vae.eval()
@@ -231,6 +234,8 @@ def train_denoiser(comp: SDComponents, pool: Pool, latents: torch.Tensor, cfg: d
                    seed: int) -> dict:
     """Stage 2: text encoder + U-Net with SD's noise-prediction loss; EMA weights end up in ``comp.unet``."""
     unet, text = comp.unet.train(), comp.text_encoder.train()
+    engine = _engine(cfg, comp.device)
+    engine.prepare_unet(unet)
     dev = comp.device
     ema = {k: v.detach().clone() for k, v in unet.state_dict().items()}
     params = [{"params": unet.parameters(), "lr": cfg["lr"]}, {"params": text.parameters(), "lr": cfg["text_lr"]}]
@@ -238,14 +243,15 @@ def train_denoiser(comp: SDComponents, pool: Pool, latents: torch.Tensor, cfg: d
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(cfg["warmup"], cfg["steps"]))
     ckpt, start = work_dir / "denoiser_state.pt", 0
     if ckpt.is_file():
-        state = torch.load(ckpt, map_location="cpu", weights_only=False)
-        unet.load_state_dict(state["unet"]), text.load_state_dict(state["text"]), opt.load_state_dict(state["opt"])
-        sched.load_state_dict(state["sched"])
-        ema, start = {k: v.to(dev) for k, v in state["ema"].items()}, state["step"]
+        start = engine.load(ckpt, {"unet": unet, "text": text, "ema": ema}, {"opt": opt, "sched": sched},
+                            "the U-Net stage")[0]
     T = comp.scheduler.config.num_train_timesteps
     batch, t0, losses = int(cfg["batch"]), time.perf_counter(), []
-    bar = tqdm(range(start, cfg["steps"]), desc="U-Net + text", initial=start, total=cfg["steps"])
+    mine = engine.mine(batch, "images (unet.batch)")
+    bar = tqdm(range(start, cfg["steps"]), desc="U-Net + text", initial=start, total=cfg["steps"],
+               disable=not engine.is_main)
     for step in bar:
+        # the whole batch from (seed, step), then this process's items of it
         g = torch.Generator().manual_seed(seed * 1_000_033 + step)
         rng = np.random.default_rng([seed, step])
         idx = torch.randint(len(latents), (batch,), generator=g)
@@ -257,13 +263,13 @@ def train_denoiser(comp: SDComponents, pool: Pool, latents: torch.Tensor, cfg: d
             eps = eps + float(cfg["offset_noise"]) * torch.randn(*z0.shape[:2], 1, 1, generator=g)
         eps = eps.to(dev)
         t = torch.randint(T, (batch,), generator=g).to(dev)
-        zt = comp.scheduler.add_noise(z0, eps, t)
-        ctx = comp.encode_prompt(captions)
-        loss = F.mse_loss(unet(zt, t, ctx).sample, eps)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(list(unet.parameters()) + list(text.parameters()), 1.0)
-        opt.step(), sched.step()
+        part = slice(mine.start, mine.stop)
+        zt = comp.scheduler.add_noise(z0[part], eps[part], t[part])
+        with engine.autocast():
+            ctx = comp.encode_prompt(captions[part])
+            loss = F.mse_loss(unet(zt, t[part], ctx).sample.float(), eps[part])
+        engine.backward(loss, engine.world)   # the mean over this process's items; the processes' sum / world
+        engine.step(opt, sched)
         decay = min(cfg["ema"], (1 + step) / (10 + step))
         with torch.no_grad():
             cur = unet.state_dict()
@@ -272,11 +278,10 @@ def train_denoiser(comp: SDComponents, pool: Pool, latents: torch.Tensor, cfg: d
             for k, v in cur.items():
                 if not v.dtype.is_floating_point:
                     ema[k].copy_(v)
-        losses.append(loss.item())
+        losses.append(engine.reduce_mean(loss.item()))
         bar.set_postfix(loss=f"{np.mean(losses[-100:]):.4f}")
         if (step + 1) % cfg["checkpoint_every"] == 0 or step + 1 == cfg["steps"]:
-            _save_atomic({"unet": unet.state_dict(), "text": text.state_dict(), "opt": opt.state_dict(),
-                          "sched": sched.state_dict(), "ema": ema, "step": step + 1}, ckpt)
+            engine.save(ckpt, step + 1, {"unet": unet, "text": text, "ema": ema}, {"opt": opt, "sched": sched})
         if cfg.get("stop_after") and step + 1 >= cfg["stop_after"]:
             break
     unet.load_state_dict(ema)
