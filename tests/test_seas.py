@@ -817,20 +817,27 @@ def _tree(root: Path) -> dict[str, bytes]:
             if p.is_file() and p.name != "generate_config.yaml"}  # the config names its own out_dir
 
 
-def test_two_sharded_processes_write_the_one_process_tree_byte_for_byte(seas_run, tmp_path):
+def _run_script(script: str, args: list, processes: int, port: int = 29531, check: bool = True):
+    """Run scripts/<script> as one process or under torchrun with ``processes``; the same threads per process."""
     import subprocess
     import sys
+    env = {**__import__("os").environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+    launch = [sys.executable] if processes == 1 else \
+        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(processes), "--master_port", str(port)]
+    r = subprocess.run([*launch, f"scripts/{script}", *args], cwd=REPO, env=env, capture_output=True, text=True,
+                       timeout=600)
+    if check:
+        assert r.returncode == 0, r.stderr[-3000:]
+    return r
+
+
+def test_two_sharded_processes_write_the_one_process_tree_byte_for_byte(seas_run, tmp_path):
     run, common = seas_run
     args = common + [f"checkpoint={run}", "n_per_type=3", "method.generate.batch_size=2",
                      "method.generate.mask_threshold=0.3"]
-    env = {**__import__("os").environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}  # same threads in both
     one, two = tmp_path / "one", tmp_path / "two"
-    for cmd, out in (([sys.executable], one),
-                     ([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
-                       "29531"], two)):
-        r = subprocess.run([*cmd, "scripts/generate.py", *args, f"out_dir={out}"], cwd=REPO, env=env,
-                           capture_output=True, text=True, timeout=600)
-        assert r.returncode == 0, r.stderr[-3000:]
+    _run_script("generate.py", [*args, f"out_dir={one}"], 1)
+    r = _run_script("generate.py", [*args, f"out_dir={two}"], 2, port=29531)
     assert _tree(two) == _tree(one)
     # the two processes split the items: their counts add up to the whole, neither did it all
     import re
@@ -843,20 +850,13 @@ def test_two_sharded_processes_write_the_one_process_tree_byte_for_byte(seas_run
 def test_two_training_processes_share_the_global_batch_and_reach_the_one_process_weights(world, tmp_path):
     """torchrun --nproc_per_node 2 scripts/train.py: each process takes one of the grad_accum = 2 mixed batches of
     every update (and of the mask branch's), the gradients are summed; the weights match one process's up to the
-    order of the float sums (measured: max |difference| below 1e-6 after 2 updates of each stage)."""
-    import subprocess
-    import sys
+    order of the float sums (measured: the U-Net bit for bit, the mask branch's weights within 1e-6)."""
     from safetensors.torch import load_file
     args = ["method=seas", "debug=fast", f"dataset.root={world}", "product=bottle", "method.train.grad_accum=2",
             "method.rmp.grad_accum=2"]
-    env = {**__import__("os").environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
     one, two = tmp_path / "one", tmp_path / "two"
-    for cmd, out in (([sys.executable], one),
-                     ([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
-                       "29533"], two)):
-        r = subprocess.run([*cmd, "scripts/train.py", *args, f"hydra.run.dir={out}"], cwd=REPO, env=env,
-                           capture_output=True, text=True, timeout=600)
-        assert r.returncode == 0, r.stderr[-3000:]
+    _run_script("train.py", [*args, f"hydra.run.dir={one}"], 1)
+    _run_script("train.py", [*args, f"hydra.run.dir={two}"], 2, port=29533)
     a, b = M.load_generator(one)[0], M.load_generator(two)[0]
     start = build_random("tiny").unet.state_dict()
     moved = max(float((v - start[k]).abs().max()) for k, v in a.unet.state_dict().items())
@@ -875,10 +875,8 @@ def test_two_training_processes_share_the_global_batch_and_reach_the_one_process
     assert any("running" in k for k in ra) and len(weights) > len(ra) // 2
     assert sorted(p.name for p in two.iterdir()) == sorted(p.name for p in one.iterdir())   # one writer
     # a process count that cannot share the global batch is refused with the fix
-    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
-                        "29534", "scripts/train.py", *args[:-2], "method.train.grad_accum=1",
-                        f"hydra.run.dir={tmp_path / 'bad'}"], cwd=REPO, env=env, capture_output=True, text=True,
-                       timeout=600)
+    r = _run_script("train.py", [*args[:-2], "method.train.grad_accum=1", f"hydra.run.dir={tmp_path / 'bad'}"], 2,
+                    port=29534, check=False)
     assert r.returncode != 0 and "multiple of 2" in r.stderr
 
 
