@@ -40,6 +40,17 @@ from .io import torch_save
 
 PRECISIONS = ("no", "fp16", "bf16")
 _BUCKET = 1 << 24   # elements per all-reduce bucket (64 MiB of float32)
+INFERENCE_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def inference_dtype(name: str, device: torch.device | str, key: str = "method.generate.dtype") -> torch.dtype:
+    """The weight dtype of a sampling run (``fp32`` | ``bf16`` | ``fp16``). fp16 is refused on a CPU, where its
+    convolutions are slow or missing; bf16 runs everywhere."""
+    if str(name) not in INFERENCE_DTYPES:
+        raise ValueError(f"{key} must be one of {sorted(INFERENCE_DTYPES)}, got '{name}'.")
+    if str(name) == "fp16" and torch.device(device).type == "cpu":
+        raise ValueError(f"{key}=fp16 needs a GPU; on a CPU use bf16 or fp32.")
+    return INFERENCE_DTYPES[str(name)]
 
 
 @dataclass
@@ -308,4 +319,4 @@ def make_adamw(params: Iterable, kind: str = "adamw", weight_decay: float = 0.01
     raise ValueError(f"Unknown optimizer '{kind}'. Use adamw or adamw8bit.")
 
 
-__all__ = ["Engine", "EngineSpec", "PRECISIONS", "make_adamw"]
+__all__ = ["Engine", "EngineSpec", "INFERENCE_DTYPES", "PRECISIONS", "inference_dtype", "make_adamw"]

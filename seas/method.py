@@ -29,7 +29,7 @@ from core.data import DatasetError, Sample, load_from_config, read_image, read_m
 from core.data.torch_dataset import PairedTransform, to_tensor
 from core.diffusion import (AttentionStore, attention_control, capture_outputs, cfg_eps, img2img_start,
                             inference_scheduler, previous_latent, sample)
-from core.engine import Engine, EngineSpec, make_adamw
+from core.engine import Engine, EngineSpec, inference_dtype, make_adamw
 from core.export import GeneratedWriter
 from core.io import atomic_write, write_json
 from core.models import SDComponents, load_diffusers_dir, load_model
@@ -545,6 +545,8 @@ def sample_with_masks(comp: SDComponents, scheduler, z_T: torch.Tensor, cond: to
     scheduler.set_timesteps(num_steps)
     timesteps = scheduler.timesteps if timesteps is None else timesteps
     first_masked = len(timesteps) - mask_steps
+    z_T = z_T.to(comp.unet.dtype)   # a noised start in float32 next to bf16 / fp16 weights (method.generate.dtype)
+    cond, uncond = cond.to(comp.unet.dtype), uncond.to(comp.unet.dtype)
     names_u, names_v = (rmp.feature_names(comp.unet, comp.vae) if rmp is not None else ([], []))
     B = z_T.shape[0]
     eps_cfg = cfg_eps(comp.unet, cond, uncond, guidance)
@@ -567,7 +569,7 @@ def sample_with_masks(comp: SDComponents, scheduler, z_T: torch.Tensor, cond: to
 
     z = sample(eps_fn, scheduler, z_T, timesteps, callback=callback, progress=progress, desc="SeaS sampling")
     if rmp is None:
-        return comp.decode_latents(z), None
+        return comp.decode_latents(z).float(), None
     outputs = inputs[1:] + [z]
     probs, images = [], None
     for f_u, z_in, z_out in zip(feats, inputs, outputs):
@@ -576,10 +578,10 @@ def sample_with_masks(comp: SDComponents, scheduler, z_T: torch.Tensor, cond: to
             img = comp.decode_latents(z_read)
         if z_read is z:
             images = img
-        probs.append(anomaly_probability(rmp(f_u, [fv[k] for k in names_v])[1]))
+        probs.append(anomaly_probability(rmp(f_u, [fv[k] for k in names_v])[1]).float())
     if images is None:
         images = comp.decode_latents(z)
-    return images, torch.stack(probs).mean(0)
+    return images.float(), torch.stack(probs).mean(0)
 
 
 THRESHOLD_GRID = tuple(round(0.05 * k, 2) for k in range(1, 20))   # 0.05, 0.10, ..., 0.95
@@ -628,7 +630,8 @@ def calibrate_mask_threshold(cfg: DictConfig, checkpoint: Path, comp: SDComponen
     steps, mask_steps = int(g.num_inference_steps), int(g.mask_steps)
     settings = {"steps": steps, "mask_steps": mask_steps, "guidance": float(g.guidance), "sampler": str(g.sampler),
                 "timestep_spacing": str(g.get("timestep_spacing", "linspace")), "seed": int(cfg.seed),
-                "mask_latent": str(g.get("mask_latent", "input")), "grid": list(THRESHOLD_GRID)}
+                "mask_latent": str(g.get("mask_latent", "input")), "grid": list(THRESHOLD_GRID),
+                "dtype": str(g.get("dtype", "fp32"))}
     path = Path(checkpoint) / "mask_calibration.json"
     if path.is_file():
         saved = json.loads(path.read_text())
@@ -691,7 +694,7 @@ def generation_config(cfg: DictConfig) -> dict:
             "generate": {k: g.get(k) for k in ("num_inference_steps", "sampler", "timestep_spacing", "guidance",
                                                "start_signal", "start_noise", "start_strength", "mask_steps",
                                                "mask_latent", "mask_threshold", "negative_prompt", "sources",
-                                               "source_batch")},
+                                               "source_batch", "dtype")},
             "steps_cap": (cfg.get("limits") or {}).get("num_inference_steps")}
 
 
@@ -705,9 +708,12 @@ def generate(cfg: DictConfig, checkpoint: Path | None, out_dir: Path) -> Path:
     g = cfg.method.generate
     shard = current_shard(resolve_device(str(cfg.device)))  # torchrun / accelerate launch: this process's share
     device = shard.device
+    dtype = inference_dtype(str(g.get("dtype", "fp32")), device)
     comp, prompt = load_generator(checkpoint, device, cfg.model)
     comp.unet.eval(), comp.vae.eval(), comp.text_encoder.eval()
     rmp = load_rmp(checkpoint, comp)
+    if dtype != torch.float32:   # official inference: fp16 weights (bf16 where fp16 is unavailable, e.g. a CPU)
+        comp.to(dtype=dtype), rmp.to(dtype=dtype)
     meta = json.loads((Path(checkpoint) / "seas.json").read_text())
     sources = meta["train_normals"]
     limits = cfg.get("limits") or {}

@@ -802,6 +802,46 @@ def test_start_images_random_per_item_or_the_official_first_batch():
     torch.testing.assert_close(torch.randn(4, generator=g1), torch.randn(4, generator=g2))
 
 
+def test_generation_in_bf16_samples_with_bf16_weights_and_matches_fp32(seas_run, tmp_path, monkeypatch):
+    """method.generate.dtype=bf16: every sampling call runs bf16 weights on a bf16 start; the images written differ
+    from the fp32 run's by bf16 rounding only, and the masks cover the same pixels up to the ones near tau."""
+    from core.runs import generate
+    run, common = seas_run
+    outs, dtypes, real = {}, [], M.sample_with_masks
+
+    def spy(comp, scheduler, z_T, *a, **kw):
+        dtypes.append((comp.unet.dtype, comp.vae.dtype, comp.text_encoder.dtype))
+        return real(comp, scheduler, z_T, *a, **kw)
+    for name in ("fp32", "bf16"):
+        outs[name] = tmp_path / name
+        gcfg = _compose("generate", common + [f"checkpoint={run}", f"out_dir={outs[name]}", "n_per_type=2",
+                                              "limits.n_per_type=2", f"method.generate.dtype={name}"])
+        dtypes.clear()
+        monkeypatch.setattr(M, "sample_with_masks", spy)
+        generate(gcfg, outs[name], overrides=["n_per_type=2", f"method.generate.dtype={name}"])
+        monkeypatch.undo()
+        want = torch.bfloat16 if name == "bf16" else torch.float32
+        assert dtypes and all(d == (want,) * 3 for d in dtypes)
+    recs = {name: {(r["anomaly_type"], r["index"]): r for r in read_manifest(outs[name])} for name in outs}
+    assert recs["fp32"].keys() == recs["bf16"].keys()
+    diffs, agree = [], []
+    for key, r32 in recs["fp32"].items():
+        r16 = recs["bf16"][key]
+        a = read_image(outs["fp32"] / r32["image"]).astype(np.float64) / 255
+        b = read_image(outs["bf16"] / r16["image"]).astype(np.float64) / 255
+        diffs.append(float(np.abs(a - b).mean()))
+        if r32.get("mask"):
+            agree.append(float((read_mask([outs["fp32"] / r32["mask"]]) == read_mask([outs["bf16"] / r16["mask"]])
+                                ).mean()))
+    assert 0 < max(diffs) < 0.05, diffs  # not the same numbers (bf16 ran), but the same pictures
+    assert min(agree) > 0.9, agree
+    with pytest.raises(ValueError, match="fp16 needs a GPU"):
+        generate(_compose("generate", common + [f"checkpoint={run}", f"out_dir={tmp_path / 'fp16'}",
+                                                "method.generate.dtype=fp16", "device=cpu"]), tmp_path / "fp16",
+                 overrides=["method.generate.dtype=fp16", "device=cpu"])
+    assert not list((tmp_path / "fp16").rglob("*.png"))  # refused before any sampling
+
+
 def test_a_run_refuses_to_generate_on_another_base_model(seas_run, tmp_path):
     from core.models.slim import BaseModelMismatchError
     from core.runs import generate
