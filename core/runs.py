@@ -85,5 +85,7 @@ def generate(cfg: DictConfig, out_dir: Path, overrides: Sequence[str] = ()) -> P
     resolve_product(cfg)
     fn = load_method(cfg.method.name, "generate")
     if int(os.environ.get("RANK", "0")) == 0:  # one process of a sharded launch writes the config
+        from .export import claim_output_dir
+        claim_output_dir(out_dir)  # before anything is written there: a folder the toolkit did not make is refused
         save_config(cfg, out_dir, "generate_config.yaml")
     return fn(cfg, checkpoint, out_dir)

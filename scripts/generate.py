@@ -6,15 +6,19 @@ from pathlib import Path
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from core.cli import exit_on_user_error
+from core.data import DatasetError
 from core.runs import generate
 
 
 @hydra.main(version_base="1.3", config_path="../configs", config_name="generate")
 def main(cfg: DictConfig) -> None:
     with exit_on_user_error():
+        if OmegaConf.is_missing(cfg, "out_dir") or not str(cfg.out_dir).strip():
+            raise DatasetError("out_dir=<a new folder> is required (where the generated tree and manifest go; an "
+                               "empty value would mean the current directory).")
         out = generate(cfg, Path(cfg.out_dir), HydraConfig.get().overrides.task)
         print(f"generated: {out}")
 

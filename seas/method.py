@@ -741,64 +741,67 @@ def generate(cfg: DictConfig, checkpoint: Path | None, out_dir: Path) -> Path:
     writer = open_writer() if shard.is_main else None  # shard 0 repairs the folder before the others open it
     shard.barrier()
     writer = writer or open_writer()
-    items = [(ty, i) for ty in prompt.types for i in range(n)] + [(None, i) for i in range(n_normals)]
-    bs = int(g.batch_size)
-    # anomalies and normals are never mixed in a batch (only anomalies need the mask branch); the batches are cut
-    # from the whole item list, so every shard count runs the same batches, and each shard takes every N-th
-    batches = [group[i:i + bs] for group in ([it for it in items if it[0] is not None],
-                                             [it for it in items if it[0] is None])
-               for i in range(0, len(group), bs)]
-    # a partly written batch runs whole again (only its missing items are written): a batch's numbers can depend on
-    # its composition, so the same batches give the same bytes however the work was cut or resumed
-    batches = [b for b in shard.take(batches) if not all(writer.is_done(*it) for it in b)]
-    todo = [it for b in batches for it in b if not writer.is_done(*it)]
-    sources_rule, source_batch = str(g.get("sources", "random")), int(g.get("source_batch", 10))
-    preprocessing = str(cfg.method.train.get("preprocess", "official"))
-    src_cache: dict[int, torch.Tensor] = {}
-    with torch.no_grad():
-        uncond1 = comp.encode_prompt([str(g.negative_prompt)])
-        cond_cache = {ty: comp.encode_prompt([prompt.prompt(ty)]) for ty in (*prompt.types, None)}
-    latent_shape = (comp.unet.config.in_channels, comp.latent_size, comp.latent_size)
-    for b in tqdm(batches, desc=f"SeaS generation ({cfg.product}, {len(todo)} images)"):
-        src_idx, noises = [], []
-        for ty, i in b:
-            gen = item_generator(int(cfg.seed), ty, i)
-            src_idx.append(source_index(sources_rule, len(sources), i, gen, source_batch))
-            noises.append(torch.randn(latent_shape, generator=gen))
-        for j in src_idx:
-            if j not in src_cache:
-                src_cache[j] = preprocess(read_image(sources[j]), None, comp.resolution, preprocessing)[0]
+    try:
+        items = [(ty, i) for ty in prompt.types for i in range(n)] + [(None, i) for i in range(n_normals)]
+        bs = int(g.batch_size)
+        # anomalies and normals are never mixed in a batch (only anomalies need the mask branch); the batches are cut
+        # from the whole item list, so every shard count runs the same batches, and each shard takes every N-th
+        batches = [group[i:i + bs] for group in ([it for it in items if it[0] is not None],
+                                                 [it for it in items if it[0] is None])
+                   for i in range(0, len(group), bs)]
+        # a partly written batch runs whole again (only its missing items are written): a batch's numbers can depend on
+        # its composition, so the same batches give the same bytes however the work was cut or resumed
+        batches = [b for b in shard.take(batches) if not all(writer.is_done(*it) for it in b)]
+        todo = [it for b in batches for it in b if not writer.is_done(*it)]
+        sources_rule, source_batch = str(g.get("sources", "random")), int(g.get("source_batch", 10))
+        preprocessing = str(cfg.method.train.get("preprocess", "official"))
+        src_cache: dict[int, torch.Tensor] = {}
         with torch.no_grad():
-            z0 = comp.encode_images(torch.stack([src_cache[j] for j in src_idx]).to(device))
-        noise = torch.stack(noises).to(device)
-        timesteps = None
-        if g.get("start_strength") is not None:  # img2img: noise to t = strength * T on the schedule, run the rest
-            z_T, timesteps = img2img_start(scheduler, z0, steps, noise, strength=float(g.start_strength))
-        else:  # the official start: signal * z_0 + noise, then the full schedule
-            z_T = signal * z0 + noise_scale * noise
-        cond = torch.cat([cond_cache[ty] for ty, _ in b])
-        uncond = uncond1.expand(len(b), -1, -1)
-        is_anomaly = b[0][0] is not None
-        images, probs = sample_with_masks(comp, scheduler, z_T, cond, uncond, float(g.guidance), steps,
-                                          rmp if is_anomaly else None, int(g.mask_steps), timesteps=timesteps,
-                                          mask_latent=str(g.get("mask_latent", "input")))
-        images = (images.permute(0, 2, 3, 1).cpu().numpy() * 255).round().astype(np.uint8)
-        for k, (ty, i) in enumerate(b):
-            if writer.is_done(ty, i):
-                continue
-            source = {"source": sources[src_idx[k]]}
-            if ty is None:
-                writer.write_normal(i, images[k], **source)
-            else:
-                mask = (probs[k] > float(threshold)).cpu().numpy()
-                writer.write_anomaly(ty, i, images[k], mask, mask_fraction=round(float(mask.mean()), 5), **source)
-    shard.barrier()
-    if shard.is_main:
-        from core.data import load_folder
-        from core.data.visualize import contact_sheet
-        grid = Path(out_dir) / f"{cfg.product}_grid.png"
-        if writer.finalize() or not grid.is_file():
-            contact_sheet(load_folder(out_dir, [str(cfg.product)]), grid)
+            uncond1 = comp.encode_prompt([str(g.negative_prompt)])
+            cond_cache = {ty: comp.encode_prompt([prompt.prompt(ty)]) for ty in (*prompt.types, None)}
+        latent_shape = (comp.unet.config.in_channels, comp.latent_size, comp.latent_size)
+        for b in tqdm(batches, desc=f"SeaS generation ({cfg.product}, {len(todo)} images)"):
+            src_idx, noises = [], []
+            for ty, i in b:
+                gen = item_generator(int(cfg.seed), ty, i)
+                src_idx.append(source_index(sources_rule, len(sources), i, gen, source_batch))
+                noises.append(torch.randn(latent_shape, generator=gen))
+            for j in src_idx:
+                if j not in src_cache:
+                    src_cache[j] = preprocess(read_image(sources[j]), None, comp.resolution, preprocessing)[0]
+            with torch.no_grad():
+                z0 = comp.encode_images(torch.stack([src_cache[j] for j in src_idx]).to(device))
+            noise = torch.stack(noises).to(device)
+            timesteps = None
+            if g.get("start_strength") is not None:  # img2img: noise to t = strength * T on the schedule, run the rest
+                z_T, timesteps = img2img_start(scheduler, z0, steps, noise, strength=float(g.start_strength))
+            else:  # the official start: signal * z_0 + noise, then the full schedule
+                z_T = signal * z0 + noise_scale * noise
+            cond = torch.cat([cond_cache[ty] for ty, _ in b])
+            uncond = uncond1.expand(len(b), -1, -1)
+            is_anomaly = b[0][0] is not None
+            images, probs = sample_with_masks(comp, scheduler, z_T, cond, uncond, float(g.guidance), steps,
+                                              rmp if is_anomaly else None, int(g.mask_steps), timesteps=timesteps,
+                                              mask_latent=str(g.get("mask_latent", "input")))
+            images = (images.permute(0, 2, 3, 1).cpu().numpy() * 255).round().astype(np.uint8)
+            for k, (ty, i) in enumerate(b):
+                if writer.is_done(ty, i):
+                    continue
+                source = {"source": sources[src_idx[k]]}
+                if ty is None:
+                    writer.write_normal(i, images[k], **source)
+                else:
+                    mask = (probs[k] > float(threshold)).cpu().numpy()
+                    writer.write_anomaly(ty, i, images[k], mask, mask_fraction=round(float(mask.mean()), 5), **source)
+        shard.barrier()
+        if shard.is_main:
+            from core.data import load_folder
+            from core.data.visualize import contact_sheet
+            grid = Path(out_dir) / f"{cfg.product}_grid.png"
+            if writer.finalize() or not grid.is_file():
+                contact_sheet(load_folder(out_dir, [str(cfg.product)]), grid)
+    finally:
+        writer.close()  # the folder's write lock
     return Path(out_dir)
 
 

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from core.data import DatasetError, load_folder, validate_files
-from core.export import MANIFEST, GeneratedWriter, read_manifest
+from core.export import MANIFEST, OWNER_MARKER, GeneratedWriter, claim_output_dir, read_manifest
 
 
 def _img(v=100):
@@ -44,6 +44,7 @@ def test_resume_skips_finished_items_and_removes_orphans_and_a_torn_line(tmp_pat
     with open(tmp_path / MANIFEST, "a") as f:
         f.write('{"method": "seas", "product": "bo')
     (img1.parent / ".0002.png.tmp-123").write_bytes(b"half")
+    w.close()  # the killed process's lock died with it
     w2 = GeneratedWriter(tmp_path, "bottle", "seas", {"a": 1})
     assert w2.is_done("crack", 0) and not w2.is_done("crack", 1)
     assert not img1.exists() and not mask1.exists() and not (img1.parent / ".0002.png.tmp-123").exists()
@@ -80,7 +81,9 @@ def test_shard_manifests_merge_in_canonical_order_after_other_products(tmp_path)
     s1.write_anomaly("crack", 0, _img(), _mask())
     assert json.loads((tmp_path / MANIFEST).read_text())["product"] == "pill"  # shards never write the main file
     assert len(read_manifest(tmp_path)) == 6  # unmerged shard records count (a rerun skips them)
-    assert GeneratedWriter(tmp_path, "bottle", "m", {}).is_done("stain", 0)
+    s0.close(), s1.close()
+    with GeneratedWriter(tmp_path, "bottle", "m", {}) as rerun:
+        assert rerun.is_done("stain", 0)
     assert s0.finalize() is True and not list(tmp_path.glob("manifest.shard*"))
     order = [(r["product"], r["kind"], r["anomaly_type"], r["index"]) for r in read_manifest(tmp_path)]
     assert order == [("pill", "normal", None, 0), ("bottle", "anomaly", "crack", 0), ("bottle", "anomaly", "crack", 1),
@@ -111,3 +114,81 @@ def _write_product(root, product):
         if i % 2 == 0:
             w.finalize()
     w.finalize()
+
+
+def _tree_hashes(root):
+    import hashlib
+    return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(root.rglob("*"))
+            if p.is_file()}
+
+
+def test_a_folder_the_writer_did_not_create_is_refused_and_left_unchanged(tmp_path):
+    """The data-loss case: out_dir pointed at a copy of a dataset (MVTec names, no manifest) must not lose a file."""
+    from PIL import Image
+    data = tmp_path / "mvtec_copy"
+    for rel in ("bottle/train/good/000.png", "bottle/test/broken/000.png", "bottle/ground_truth/broken/000_mask.png",
+                "bottle/train/good/0001.png"):
+        (data / rel).parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(_img(7)).save(data / rel)
+    (data / "license.txt").write_text("CC BY-NC-SA")
+    before = _tree_hashes(data)
+    with pytest.raises(DatasetError, match=r"is not empty \(bottle, license.txt\) and was not created"):
+        GeneratedWriter(data, "bottle", "seas", {})
+    assert _tree_hashes(data) == before
+    # a folder of this toolkit from before the marker existed is named as such, with the command that adopts it
+    old = tmp_path / "old_generated"
+    old.mkdir()
+    (old / MANIFEST).write_text("")
+    with pytest.raises(DatasetError, match="touch .*old_generated/.toolkit_generated.json"):
+        GeneratedWriter(old, "bottle", "seas", {})
+    with pytest.raises(DatasetError, match="out_dir is empty"):
+        claim_output_dir("")
+
+
+def test_a_new_or_pre_run_folder_is_claimed_and_repairs_touch_only_the_writers_own_names(tmp_path):
+    out = tmp_path / "gen"
+    (out / ".sweep" / "bottle").mkdir(parents=True)          # what Hydra's multirun and the entry script leave first
+    (out / "generate_config.yaml").write_text("seed: 0\n")
+    with GeneratedWriter(out, "bottle", "seas", {}) as w:
+        w.write_normal(0, _img())
+    assert (out / OWNER_MARKER).is_file()
+    good = out / "bottle" / "train" / "good"
+    (good / "0001.png").write_bytes((good / "0000.png").read_bytes())  # an orphan of a killed run: the writer's name
+    (good / "000.png").write_bytes(b"a user's file")                    # not the writer's names: never touched
+    (good / "notes.png").write_bytes(b"a user's file")
+    with GeneratedWriter(out, "bottle", "seas", {}) as w:
+        assert w.is_done(None, 0) and not w.is_done(None, 1)
+    assert not (good / "0001.png").exists() and (good / "000.png").is_file() and (good / "notes.png").is_file()
+
+
+def test_a_second_concurrent_writer_is_refused_and_a_dead_writers_lock_is_taken_over(tmp_path):
+    import multiprocessing as mp
+    import os
+    import signal
+    first = GeneratedWriter(tmp_path, "bottle", "seas", {})
+    with pytest.raises(DatasetError, match=f"being written for product 'bottle' by pid {os.getpid()}"):
+        GeneratedWriter(tmp_path, "bottle", "seas", {})
+    GeneratedWriter(tmp_path, "pill", "seas", {}).close()  # another product into the same folder: allowed
+    first.close()
+    assert not list(tmp_path.glob(".writing.*"))            # a finished writer leaves no lock file
+    # a writer killed while holding the lock: its file stays, the lock does not
+    ctx = mp.get_context("fork")
+    ready = ctx.Event()
+    proc = ctx.Process(target=_hold_lock, args=(tmp_path, ready))
+    proc.start()
+    assert ready.wait(60)
+    with pytest.raises(DatasetError, match=f"by pid {proc.pid}"):
+        GeneratedWriter(tmp_path, "bottle", "seas", {})
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.join()
+    assert (tmp_path / ".writing.bottle.0.lock").is_file()
+    with GeneratedWriter(tmp_path, "bottle", "seas", {}) as w:
+        w.write_normal(0, _img())
+    assert [r["index"] for r in read_manifest(tmp_path) if r["product"] == "bottle"] == [0]
+
+
+def _hold_lock(root, ready):
+    import time
+    w = GeneratedWriter(root, "bottle", "seas", {})  # noqa: F841 (held until killed)
+    ready.set()
+    time.sleep(600)
