@@ -44,8 +44,8 @@ from .io import atomic_write
 
 MANIFEST = "manifest.jsonl"
 OWNER_MARKER = ".toolkit_generated.json"
-# what a generation run may leave in the folder before its writer opens: Hydra's multirun folder and the saved config
-_PRE_WRITER = {".sweep", "generate_config.yaml", ".manifest.lock"}
+# what a generation run may leave in the folder before its writer opens: Hydra's multirun folder
+_PRE_WRITER = {".sweep", ".manifest.lock"}
 _OWN_FILE = re.compile(r"^\.?\d{4,}(_mask)?\.png(\.tmp-\d+)?$")
 
 

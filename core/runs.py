@@ -1,18 +1,88 @@
 """What the three entry scripts do, as plain functions the tests call (the scripts only add Hydra)."""
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 from pathlib import Path
-from typing import Sequence
+from typing import Any, Iterable, Sequence
 
 import torch
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from .data import DatasetError
-from .io import write_text
+from .io import write_json, write_text
 from .registry import get_method, load_method
 
 CHECKPOINT_KEYS = ("method", "model", "dataset", "split", "product", "seed")
+IDENTITY = "identity.json"
+# keys that do not change what a run computes, so a rerun may change them: where it runs, and whether a downstream
+# run keeps its per-unit checkpoints
+VOLATILE_KEYS = ("device", "keep_checkpoints")
+
+
+class RunIdentityError(ValueError):
+    """A rerun into an existing run directory whose result would be defined differently."""
+
+
+def _flat(node: Any, prefix: str = "") -> dict[str, Any]:
+    if isinstance(node, dict):
+        out = {}
+        for k, v in node.items():
+            out.update(_flat(v, f"{prefix}{k}."))
+        return out
+    return {prefix[:-1]: node}
+
+
+def files_identity(root: str | Path, paths: Iterable[str | Path]) -> str:
+    """A short hash of the files' names (relative to ``root``) and sizes: what a dataset or generated folder holds
+    (cheap: no file is read)."""
+    root, h = Path(root), hashlib.sha256()
+    for p in sorted(str(Path(p)) for p in paths):
+        rel = os.path.relpath(p, root)
+        h.update(f"{rel}\t{os.path.getsize(p) if os.path.exists(p) else -1}\n".encode())
+    return h.hexdigest()[:16]
+
+
+def check_run_identity(run_dir: Path, cfg: DictConfig, extra: dict | None = None, what: str = "run") -> str:
+    """Refuse a rerun into ``run_dir`` whose result would be defined differently; else record the identity.
+
+    The identity is the resolved config without :data:`VOLATILE_KEYS` (and without ``hydra``), plus ``extra``
+    (content identities: a checkpoint's, a generated folder's, a dataset's). The first run writes it to
+    ``<run_dir>/identity.json``; a rerun with another identity raises :class:`RunIdentityError` naming the keys that
+    differ, before anything is written. Returns the identity's hash."""
+    conf = OmegaConf.to_container(cfg, resolve=True)
+    for k in (*VOLATILE_KEYS, "hydra"):
+        conf.pop(k, None)
+    defined = {"config": conf, **({"inputs": extra} if extra else {})}
+    digest = hashlib.sha256(json.dumps(defined, sort_keys=True, default=str).encode()).hexdigest()[:16]
+    path = Path(run_dir) / IDENTITY
+    if path.is_file():
+        try:
+            old = json.loads(path.read_text())
+        except json.JSONDecodeError:
+            raise RunIdentityError(f"{path} is corrupt (not JSON). Fix: restore it, or use a new run directory.") \
+                from None
+        if old.get("hash") != digest:
+            a, b = _flat(old.get("defined_by", {})), _flat(defined)
+            diff = sorted(k for k in a.keys() | b.keys() if a.get(k, "<unset>") != b.get(k, "<unset>"))
+            shown = "; ".join(f"{k}: {a.get(k, '<unset>')!r} -> {b.get(k, '<unset>')!r}" for k in diff[:4])
+            more = f" (and {len(diff) - 4} more)" if len(diff) > 4 else ""
+            raise RunIdentityError(f"{run_dir} holds a {what} defined differently: {shown}{more}. Nothing was "
+                                   f"changed. Fix: use a new run directory (hydra.run.dir=...), or rerun with the "
+                                   f"recorded settings to resume it.")
+        return digest
+    write_json(path, {"hash": digest, "defined_by": defined})
+    return digest
+
+
+def run_identity(run_dir: str | Path) -> str:
+    """The identity hash a training run recorded (runs from before identities: a hash of its config.yaml)."""
+    path = Path(run_dir) / IDENTITY
+    if path.is_file():
+        return str(json.loads(path.read_text())["hash"])
+    config = Path(run_dir) / "config.yaml"
+    return hashlib.sha256(config.read_bytes()).hexdigest()[:16] if config.is_file() else "unknown"
 
 
 def resolve_device(name: str) -> torch.device:
@@ -42,6 +112,8 @@ def train(cfg: DictConfig, run_dir: Path) -> Path:
     fn = load_method(cfg.method.name, "train")
     run_dir = shared_run_dir(cfg, run_dir)
     if int(os.environ.get("RANK", "0")) == 0:
+        Path(run_dir).mkdir(parents=True, exist_ok=True)
+        check_run_identity(run_dir, cfg, what="training run")  # before config.yaml: a refused rerun changes nothing
         save_config(cfg, run_dir)
     return fn(cfg, run_dir)
 
@@ -81,11 +153,18 @@ def generate(cfg: DictConfig, out_dir: Path, overrides: Sequence[str] = ()) -> P
         if not checkpoint.is_dir():
             raise FileNotFoundError(f"checkpoint={checkpoint} is not a directory: pass the run directory of train.py.")
         cfg = merge_checkpoint_config(cfg, checkpoint, overrides)
+        trained = OmegaConf.load(checkpoint / "config.yaml").get("product")
+        if trained is not None and str(cfg.get("product")) != str(trained):
+            raise DatasetError(f"checkpoint={checkpoint} was trained on product '{trained}', not "
+                               f"'{cfg.get('product')}'. Fix: drop product= (it comes from the checkpoint), or pass "
+                               f"a run trained on '{cfg.get('product')}'.")
     get_method(cfg.method.name)
     resolve_product(cfg)
     fn = load_method(cfg.method.name, "generate")
-    if int(os.environ.get("RANK", "0")) == 0:  # one process of a sharded launch writes the config
+    if int(os.environ.get("RANK", "0")) == 0:  # one process of a sharded launch claims the folder
         from .export import claim_output_dir
         claim_output_dir(out_dir)  # before anything is written there: a folder the toolkit did not make is refused
-        save_config(cfg, out_dir, "generate_config.yaml")
-    return fn(cfg, checkpoint, out_dir)
+    out = fn(cfg, checkpoint, out_dir)
+    if int(os.environ.get("RANK", "0")) == 0:  # after the run: a refused or failed generation changes no config file
+        save_config(cfg, out_dir, f"generate_config.{cfg.product}.yaml")  # one per product of the folder
+    return out

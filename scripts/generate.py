@@ -17,8 +17,8 @@ from core.runs import generate
 def main(cfg: DictConfig) -> None:
     with exit_on_user_error():
         if OmegaConf.is_missing(cfg, "out_dir") or not str(cfg.out_dir).strip():
-            raise DatasetError("out_dir=<a new folder> is required (where the generated tree and manifest go; an "
-                               "empty value would mean the current directory).")
+            raise DatasetError("out_dir is required (where the generated tree and manifest go; an empty value "
+                               "would mean the current directory). Fix: add out_dir=<a new folder>.")
         out = generate(cfg, Path(cfg.out_dir), HydraConfig.get().overrides.task)
         print(f"generated: {out}")
 

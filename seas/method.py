@@ -34,7 +34,7 @@ from core.export import GeneratedWriter
 from core.io import atomic_write, write_json
 from core.models import SDComponents, load_diffusers_dir, load_model
 from core.models.slim import is_slim, load_slim, save_slim, weights_hash
-from core.runs import resolve_device
+from core.runs import resolve_device, run_identity
 from core.shard import current_shard
 
 from .model import (RefinedMaskPrediction, SeaSLoss, UAPrompt, add_ua_tokens, anomaly_probability, da_layers, da_loss,
@@ -695,7 +695,8 @@ def generation_config(cfg: DictConfig) -> dict:
                                                "start_signal", "start_noise", "start_strength", "mask_steps",
                                                "mask_latent", "mask_threshold", "negative_prompt", "sources",
                                                "source_batch", "dtype")},
-            "steps_cap": (cfg.get("limits") or {}).get("num_inference_steps")}
+            "steps_cap": (cfg.get("limits") or {}).get("num_inference_steps"),
+            "checkpoint": run_identity(cfg.checkpoint) if cfg.get("checkpoint") else None}
 
 
 def generate(cfg: DictConfig, checkpoint: Path | None, out_dir: Path) -> Path:

@@ -28,7 +28,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from core.data import DatasetError, Sample, anomaly_types, apply_split, load_from_config
 from core.io import write_json
-from core.runs import resolve_device, save_config
+from core.runs import check_run_identity, files_identity, resolve_device, save_config
 
 from . import tables
 from .data import ImagePool, load_generated, oracle_tree, take_per_type
@@ -403,10 +403,20 @@ def drop_checkpoint(run_dir: Path, tag: str) -> None:
         ckpt.parent.rmdir()
 
 
+def data_identity(cfg: DictConfig, table: Sequence[Sample], generated: Sequence[Sample] | None) -> dict:
+    """What an evaluation's numbers depend on beyond its config: the dataset's and the generated folder's files
+    (names and sizes)."""
+    def files(samples):
+        return [p for s in samples for p in (s.path, *s.mask_paths)]
+    out = {"dataset": files_identity(cfg.dataset.get("root") or "/", files(table))}
+    if generated is not None:
+        out["generated"] = files_identity(Path(cfg.generated).expanduser(), files(generated))
+    return out
+
+
 def eval_downstream(cfg: DictConfig, run_dir: Path) -> Path:
     """``scripts/eval_downstream.py``: every arm x fold x unit, then the tables. Returns the Markdown table path."""
     run_dir = Path(run_dir)
-    save_config(cfg, run_dir)
     device = resolve_device(cfg.device)
     table = load_from_config(cfg.dataset, cfg.get("products") or None)
     products = resolve_products(cfg, table)
@@ -417,6 +427,9 @@ def eval_downstream(cfg: DictConfig, run_dir: Path) -> Path:
     if "generated" in arms:
         generated = load_generated(cfg.generated, products, types,
                                    need_anomalies=True)
+    # a rerun reuses finished units' results: only when the config and the images they were computed on are the same
+    check_run_identity(run_dir, cfg, data_identity(cfg, table, generated), what="downstream evaluation")
+    save_config(cfg, run_dir)
     records: list[dict] = []
     units = [list(products)] if cfg.protocol.unified else [[p] for p in products]
     for fold in cfg.protocol.folds:
@@ -444,5 +457,4 @@ def eval_downstream(cfg: DictConfig, run_dir: Path) -> Path:
 def eval_generation(cfg: DictConfig, run_dir: Path) -> Path:
     """``scripts/eval_generation.py``: see :mod:`segmentation.generation_eval`."""
     from .generation_eval import eval_generation as run
-    save_config(cfg, Path(run_dir))
     return run(cfg, run_dir)

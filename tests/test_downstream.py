@@ -85,6 +85,32 @@ def test_every_protocol_runs_end_to_end_with_all_three_arms(world, tmp_path, pro
     assert {f: f.stat().st_mtime_ns for f in (tmp_path / "results").glob("*.json")} == before
 
 
+def test_a_rerun_with_other_images_or_another_model_is_refused_not_relabelled(world, tmp_path):
+    """Finished units are reused on a rerun; so a rerun whose generated folder or downstream model differs must be
+    refused before it prints old numbers under the new label (and must change no file)."""
+    import shutil
+    from core.runs import RunIdentityError
+    w, gen = world
+    cfg = _cfg(world, "anomalydiffusion", "unet", SMALL["unet"] + ["arms=[generated]", "products=[bottle]"])
+    run = tmp_path / "run"
+    protocols.eval_downstream(cfg, run)
+    snapshot = {f: f.read_bytes() for f in run.rglob("*") if f.is_file()}
+    gen2 = tmp_path / "gen2"
+    shutil.copytree(gen, gen2)
+    ty = S.PRODUCTS["bottle"].defects[0]
+    (gen2 / "bottle" / "test" / ty / "0001.png").unlink()
+    (gen2 / "bottle" / "ground_truth" / ty / "0001_mask.png").unlink()
+    with pytest.raises(RunIdentityError, match=r"generated: .*inputs.generated: '[0-9a-f]+' -> '[0-9a-f]+'"):
+        protocols.eval_downstream(_cfg(world, "anomalydiffusion", "unet", SMALL["unet"] + [
+            "arms=[generated]", "products=[bottle]", f"generated={gen2}"]), run)
+    with pytest.raises(RunIdentityError, match="downstream.name: 'unet' -> 'bisenetv2'"):
+        protocols.eval_downstream(_cfg(world, "anomalydiffusion", "bisenetv2", SMALL["bisenetv2"] + [
+            "arms=[generated]", "products=[bottle]"]), run)
+    assert {f: f.read_bytes() for f in run.rglob("*") if f.is_file()} == snapshot
+    protocols.eval_downstream(cfg.copy(), run)  # the same run again (on another device, say) still resumes
+    protocols.eval_downstream(OmegaConf.merge(cfg, {"device": "cpu", "keep_checkpoints": True}), run)
+
+
 def test_split_keeps_train_and_test_disjoint_in_every_arm(world, tmp_path):
     cfg = _cfg(world, "anomalydiffusion", "unet", SMALL["unet"])
     table = protocols.load_from_config(cfg.dataset)

@@ -9,6 +9,7 @@ from omegaconf import OmegaConf
 
 from core import registry
 from core.registry import METHODS, MethodNotImplementedError, UnknownMethodError, get_method
+from core.data import DatasetError
 from core.runs import generate, train
 
 CONFIGS = str(Path(__file__).resolve().parents[1] / "configs")
@@ -79,11 +80,12 @@ def test_generate_takes_method_model_and_product_from_the_checkpoint(tmp_path, f
     gen = _compose("generate", [f"checkpoint={tmp_path / 'run'}", f"out_dir={tmp_path / 'gen'}", "n_per_type=3"])
     out = generate(gen, tmp_path / "gen", overrides=[f"checkpoint={tmp_path / 'run'}", "n_per_type=3"])
     assert (out / "generated_from.txt").read_text() == f"{tmp_path / 'run'} pill tiny 3"
-    assert OmegaConf.load(tmp_path / "gen" / "generate_config.yaml").product == "pill"
-    # a command-line product wins over the checkpoint's
+    assert OmegaConf.load(tmp_path / "gen" / "generate_config.pill.yaml").product == "pill"
+    # a product the checkpoint was not trained on is refused (it would write pills labelled "cable"), before any file
     gen2 = _compose("generate", [f"checkpoint={tmp_path / 'run'}", f"out_dir={tmp_path / 'g2'}", "product=cable"])
-    out = generate(gen2, tmp_path / "g2", overrides=[f"checkpoint={tmp_path / 'run'}", "product=cable"])
-    assert "cable" in (out / "generated_from.txt").read_text()
+    with pytest.raises(DatasetError, match="trained on product 'pill', not 'cable'"):
+        generate(gen2, tmp_path / "g2", overrides=[f"checkpoint={tmp_path / 'run'}", "product=cable"])
+    assert not (tmp_path / "g2").exists()
 
 
 def test_generate_rejects_a_checkpoint_without_config(tmp_path, fake_method):

@@ -148,7 +148,6 @@ def test_a_folder_the_writer_did_not_create_is_refused_and_left_unchanged(tmp_pa
 def test_a_new_or_pre_run_folder_is_claimed_and_repairs_touch_only_the_writers_own_names(tmp_path):
     out = tmp_path / "gen"
     (out / ".sweep" / "bottle").mkdir(parents=True)          # what Hydra's multirun and the entry script leave first
-    (out / "generate_config.yaml").write_text("seed: 0\n")
     with GeneratedWriter(out, "bottle", "seas", {}) as w:
         w.write_normal(0, _img())
     assert (out / OWNER_MARKER).is_file()
