@@ -110,3 +110,69 @@ def test_two_checkpoints_do_not_mix_in_one_folder_and_a_refusal_rewrites_no_conf
     r = _script("generate.py", f"checkpoint={other}", f"out_dir={out}", "seed=0", *_common(world))
     _refused(r, "was generated with another configuration")
     assert _hashes(out) == before
+
+
+# ----------------------------------------------------------------------------------------- metric API, direct calls
+
+def _maps():
+    """Masks (2, 4, 6) with a defect, and the maps that score it perfectly."""
+    import numpy as np
+    masks = np.zeros((2, 4, 6))
+    masks[0, 1:3, 2:4] = 1
+    masks[1, 0, 5] = 1
+    return masks, masks * 0.8 + 0.1
+
+
+def test_pixel_metrics_refuse_transposed_soft_nan_and_empty_input():
+    import numpy as np
+    from core.metrics import detection as D
+    masks, maps = _maps()
+    assert D.auroc(masks, maps) == 1.0
+    wrong = maps.transpose(0, 2, 1).reshape(maps.shape[0], 6, 4)  # same size, other shape
+    for fn in (D.auroc, D.average_precision, D.f1_max):
+        with pytest.raises(ValueError, match="differ in shape"):
+            fn(masks, wrong)
+    with pytest.raises(ValueError, match="differ in shape"):
+        D.iou(wrong, masks)
+    soft = masks * 0.5
+    with pytest.raises(ValueError, match=r"must be binary \(0 / 1\), found values such as \[0.5\]"):
+        D.auroc(soft, maps)
+    with pytest.raises(ValueError, match="must be binary"):
+        D.iou(maps, masks * 255)
+    nan_mask = masks.copy()
+    nan_mask[0, 0, 0] = np.nan
+    with pytest.raises(ValueError, match="must be binary"):
+        D.average_precision(nan_mask, maps)
+    nan_map = maps.copy()
+    nan_map[1, 2, 2] = np.nan
+    with pytest.raises(ValueError, match="1 NaN or infinite"):
+        D.aupro(nan_map, masks)
+    with pytest.raises(ValueError, match="are empty"):
+        D.iou(np.zeros((0, 4, 6)), np.zeros((0, 4, 6)))
+    for limit in (0, -0.1, 1.5):
+        with pytest.raises(ValueError, match=r"fpr_limit must be in \(0, 1\]"):
+            D.aupro(maps, masks, fpr_limit=limit)
+    assert D.aupro(maps, masks, fpr_limit=1.0) == pytest.approx(1.0)
+
+
+def test_generation_metrics_refuse_logits_nan_mismatched_and_empty_features():
+    import numpy as np
+    from core.metrics import generation as G
+    rng = np.random.default_rng(0)
+    logits = rng.normal(size=(6, 5))
+    with pytest.raises(ValueError, match="probability distribution"):
+        G.inception_score(logits)
+    with pytest.raises(ValueError, match="probability distribution"):
+        G.inception_score(np.full((6, 5), 0.3))
+    probs = np.exp(logits) / np.exp(logits).sum(1, keepdims=True)
+    assert G.inception_score(probs, 1) == pytest.approx(G.inception_score_from_logits(logits, 1))
+    real, fake = rng.normal(size=(8, 3)), rng.normal(size=(7, 3))
+    bad = fake.copy()
+    bad[2, 1] = np.nan
+    for fn in (G.fid, G.kid):
+        with pytest.raises(ValueError, match="NaN or infinite"):
+            fn(real, bad)
+        with pytest.raises(ValueError, match="3 dimensions and generated ones 4"):
+            fn(real, rng.normal(size=(7, 4)))
+        with pytest.raises(ValueError, match="non-empty"):
+            fn(real, np.zeros((0, 3)))

@@ -17,6 +17,33 @@ def _np(x) -> np.ndarray:
     return np.asarray(x)
 
 
+def _check_scores(scores: np.ndarray, what: str, name: str = "scores") -> np.ndarray:
+    if scores.size == 0:
+        raise ValueError(f"{what}: {name} are empty.")
+    if not np.isfinite(scores).all():
+        raise ValueError(f"{what}: {name} hold {int((~np.isfinite(scores)).sum())} NaN or infinite value(s); fix the "
+                         f"model's output (or drop those images) before scoring.")
+    return scores
+
+
+def _check_binary(labels: np.ndarray, what: str, name: str = "labels") -> np.ndarray:
+    """Ground truth must be exactly 0 / 1 (or bool): a soft, NaN or 0/255 mask would be silently misread."""
+    if labels.size == 0:
+        raise ValueError(f"{what}: {name} are empty.")
+    if labels.dtype != bool and not np.isin(labels, (0, 1)).all():
+        bad = np.unique(labels[~np.isin(labels, (0, 1))])[:3]
+        raise ValueError(f"{what}: {name} must be binary (0 / 1), found values such as {bad.tolist()}. Fix: threshold "
+                         f"soft masks (mask > 0.5) and scale 0 / 255 masks (mask > 127) first.")
+    return labels.astype(bool)
+
+
+def _pair(labels, scores, what: str) -> tuple[np.ndarray, np.ndarray]:
+    y, s = _np(labels), _np(scores)
+    if y.shape != s.shape:  # equal size is not enough: a transposed map would be scored against the wrong pixels
+        raise ValueError(f"{what}: ground truth {y.shape} and scores {s.shape} differ in shape.")
+    return _check_binary(y, what), _check_scores(s, what)
+
+
 def _binary_targets(labels: np.ndarray, what: str) -> np.ndarray:
     labels = labels.astype(bool).ravel()
     if labels.all() or not labels.any():
@@ -26,19 +53,19 @@ def _binary_targets(labels: np.ndarray, what: str) -> np.ndarray:
 
 
 def auroc(labels, scores) -> float:
-    y = _binary_targets(_np(labels), "auroc")
-    return float(roc_auc_score(y, _np(scores).ravel()))
+    y, s = _pair(labels, scores, "auroc")
+    return float(roc_auc_score(_binary_targets(y, "auroc"), s.ravel()))
 
 
 def average_precision(labels, scores) -> float:
-    y = _binary_targets(_np(labels), "average_precision")
-    return float(average_precision_score(y, _np(scores).ravel()))
+    y, s = _pair(labels, scores, "average_precision")
+    return float(average_precision_score(_binary_targets(y, "average_precision"), s.ravel()))
 
 
 def f1_max(labels, scores) -> float:
     """max over the precision-recall curve of 2PR / (P + R)."""
-    y = _binary_targets(_np(labels), "f1_max")
-    p, r, _ = precision_recall_curve(y, _np(scores).ravel())
+    y, s = _pair(labels, scores, "f1_max")
+    p, r, _ = precision_recall_curve(_binary_targets(y, "f1_max"), s.ravel())
     denom = p + r
     f1 = np.divide(2 * p * r, denom, out=np.zeros_like(denom), where=denom > 0)
     return float(f1.max())
@@ -51,10 +78,8 @@ def iou(maps, masks, threshold: float = 0.5, reduction: str = "global") -> float
     reduction="mean_per_image": mean of per-image IoUs over the images whose union is non-empty
     (an image with no defect and no prediction has no defined IoU and is left out).
     """
-    pred = _np(maps) >= threshold
-    gt = _np(masks).astype(bool)
-    if pred.shape != gt.shape:
-        raise ValueError(f"iou: maps {pred.shape} and masks {gt.shape} differ in shape.")
+    gt, scores = _pair(masks, maps, "iou")
+    pred = scores >= threshold
     if reduction == "global":
         union = np.logical_or(pred, gt).sum()
         return float(np.logical_and(pred, gt).sum() / union) if union else 1.0
@@ -81,9 +106,10 @@ def pro_curve(maps, masks) -> tuple[np.ndarray, np.ndarray]:
     Computed in one sort: each normal pixel carries weight 1/#normal into FPR, each region pixel
     1/(|region| * #regions) into PRO; cumulative sums over descending scores give both curves.
     """
-    maps, masks = _np(maps).astype(np.float64), _np(masks).astype(bool)
-    if maps.shape != masks.shape or maps.ndim != 3:
-        raise ValueError(f"pro_curve: expected maps and masks of the same shape (N, H, W), got {maps.shape}, {masks.shape}.")
+    masks, maps = _pair(masks, maps, "pro_curve")
+    maps = maps.astype(np.float64)
+    if maps.ndim != 3:
+        raise ValueError(f"pro_curve: expected maps and masks of shape (N, H, W), got {maps.shape}.")
     fp_w = np.zeros(maps.shape, np.float64)
     pro_w = np.zeros(maps.shape, np.float64)
     n_normal = (~masks).sum()
@@ -124,6 +150,9 @@ def aupro(maps, masks, fpr_limit: float = 0.3) -> float:
 
     Matches the MVTec 3D-AD reference evaluation and anomalib (evaluation.md).
     """
+    if not 0 < fpr_limit <= 1:
+        raise ValueError(f"aupro: fpr_limit must be in (0, 1] (a false-positive rate; 0.3 in the papers), got "
+                         f"{fpr_limit}.")
     fpr, pro = pro_curve(maps, masks)
     return integrate_to(fpr, pro, fpr_limit) / fpr_limit
 

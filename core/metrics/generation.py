@@ -27,9 +27,30 @@ def extract(model: Callable, images: torch.Tensor, batch_size: int = 32, progres
     return torch.cat(feats).numpy(), torch.cat(logits).numpy()
 
 
+def _features(x, what: str, name: str) -> np.ndarray:
+    x = np.asarray(x, np.float64)
+    if x.ndim != 2 or len(x) == 0:
+        raise ValueError(f"{what}: {name} must be a non-empty (N, D) array, got shape {x.shape}.")
+    if not np.isfinite(x).all():
+        raise ValueError(f"{what}: {name} hold NaN or infinite values (a broken extractor or image).")
+    return x
+
+
+def _two_sets(real, fake, what: str) -> tuple[np.ndarray, np.ndarray]:
+    real, fake = _features(real, what, "real features"), _features(fake, what, "generated features")
+    if real.shape[1] != fake.shape[1]:
+        raise ValueError(f"{what}: real features have {real.shape[1]} dimensions and generated ones {fake.shape[1]}; "
+                         f"extract both with the same network.")
+    return real, fake
+
+
 def inception_score(probs: np.ndarray, splits: int = 10) -> tuple[float, float]:
-    """IS = exp(E_x KL(p(y|x) || p(y))), mean and std over ``splits`` consecutive chunks (Salimans et al. 2016)."""
-    probs = np.asarray(probs, np.float64)
+    """IS = exp(E_x KL(p(y|x) || p(y))), mean and std over ``splits`` consecutive chunks (Salimans et al. 2016).
+    ``probs``: class probabilities, rows summing to 1 (for logits use :func:`inception_score_from_logits`)."""
+    probs = _features(probs, "inception_score", "probs")
+    if (probs < 0).any() or not np.allclose(probs.sum(1), 1, atol=1e-3):
+        raise ValueError("inception_score: each row of probs must be a probability distribution (non-negative, "
+                         "summing to 1). Fix: pass logits to inception_score_from_logits instead.")
     splits = max(1, min(splits, len(probs)))
     scores = []
     for chunk in np.array_split(probs, splits):
@@ -40,12 +61,13 @@ def inception_score(probs: np.ndarray, splits: int = 10) -> tuple[float, float]:
 
 
 def inception_score_from_logits(logits: np.ndarray, splits: int = 10) -> tuple[float, float]:
+    logits = _features(logits, "inception_score_from_logits", "logits")
     return inception_score(torch.softmax(torch.as_tensor(logits), dim=1).numpy(), splits)
 
 
 def fid(real: np.ndarray, fake: np.ndarray) -> float:
     """Fréchet distance ||mu_r - mu_f||^2 + Tr(S_r + S_f - 2 (S_r S_f)^(1/2)) between Gaussian fits (Heusel et al. 2017)."""
-    real, fake = np.asarray(real, np.float64), np.asarray(fake, np.float64)
+    real, fake = _two_sets(real, fake, "fid")
     if len(real) < 2 or len(fake) < 2:
         raise ValueError("fid needs at least two images in each set.")
     mu1, mu2 = real.mean(0), fake.mean(0)
@@ -88,7 +110,7 @@ def kid(real: np.ndarray, fake: np.ndarray, subsets: int = 100, subset_size: int
     When a set is smaller than ``subset_size`` the subset shrinks to min(n_real, n_fake), as the
     StyleGAN / DFMGAN code does (torchmetrics would raise); the size used is reported.
     """
-    real, fake = np.asarray(real, np.float64), np.asarray(fake, np.float64)
+    real, fake = _two_sets(real, fake, "kid")
     m = min(subset_size, len(real), len(fake))
     if m < 2:
         raise ValueError("kid needs at least two images in each set.")
