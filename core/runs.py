@@ -86,9 +86,45 @@ def run_identity(run_dir: str | Path) -> str:
 
 
 def resolve_device(name: str) -> torch.device:
+    """``device=auto|cpu|cuda|cuda:<i>|mps``, checked against this machine."""
+    name = str(name)
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
+    try:
+        device = torch.device(name)
+    except (RuntimeError, ValueError):
+        raise ValueError(f"device={name} is not a device name. Fix: device=auto (a GPU if there is one), cpu, cuda "
+                         f"or cuda:<index>.") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device={name}: this machine has no usable CUDA GPU. Fix: device=cpu or device=auto.")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise ValueError(f"device={name}: there are {torch.cuda.device_count()} GPU(s). Fix: device=cuda:0.")
+    return device
+
+
+def positive_int(value: Any, key: str, maximum: int | None = None) -> int:
+    """A config value that must be a whole number >= 1 (and <= ``maximum``), or a one-line error naming ``key``."""
+    ok = not isinstance(value, bool) and isinstance(value, (int, float, str))
+    try:
+        number = float(value) if ok else float("nan")
+    except ValueError:
+        number = float("nan")
+    if not (number == number and number.is_integer() and number >= 1):
+        raise ValueError(f"{key}={value!r} must be a whole number >= 1. Fix: {key}=<count>, e.g. {key}=100.")
+    if maximum is not None and number > maximum:
+        raise ValueError(f"{key}={value!r} is more than {maximum}. Fix: a smaller {key} (split a larger job with a "
+                         f"sweep or several out_dirs).")
+    return int(number)
+
+
+def check_common(cfg: DictConfig) -> None:
+    """The keys every entry script reads, checked where they are read: seed, device and the generation counts."""
+    seed = cfg.get("seed")
+    if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
+        raise ValueError(f"seed={seed!r} must be a whole number >= 0. Fix: seed=0.")
+    resolve_device(str(cfg.get("device", "auto")))
+    if cfg.get("n_per_type") is not None:
+        positive_int(cfg.n_per_type, "n_per_type", maximum=100_000)
 
 
 def resolve_product(cfg: DictConfig) -> str:
@@ -109,6 +145,7 @@ def train(cfg: DictConfig, run_dir: Path) -> Path:
     """Check the method and product, save the resolved config in ``run_dir``, run the method's ``train``."""
     get_method(cfg.method.name)
     resolve_product(cfg)
+    check_common(cfg)
     fn = load_method(cfg.method.name, "train")
     run_dir = shared_run_dir(cfg, run_dir)
     if int(os.environ.get("RANK", "0")) == 0:
@@ -160,6 +197,7 @@ def generate(cfg: DictConfig, out_dir: Path, overrides: Sequence[str] = ()) -> P
                                f"a run trained on '{cfg.get('product')}'.")
     get_method(cfg.method.name)
     resolve_product(cfg)
+    check_common(cfg)
     fn = load_method(cfg.method.name, "generate")
     if int(os.environ.get("RANK", "0")) == 0:  # one process of a sharded launch claims the folder
         from .export import claim_output_dir

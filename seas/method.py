@@ -34,7 +34,7 @@ from core.export import GeneratedWriter
 from core.io import atomic_write, write_json
 from core.models import SDComponents, load_diffusers_dir, load_model
 from core.models.slim import is_slim, load_slim, save_slim, weights_hash
-from core.runs import resolve_device, run_identity
+from core.runs import positive_int, resolve_device, run_identity
 from core.shard import current_shard
 
 from .model import (RefinedMaskPrediction, SeaSLoss, UAPrompt, add_ua_tokens, anomaly_probability, da_layers, da_loss,
@@ -718,7 +718,7 @@ def generate(cfg: DictConfig, checkpoint: Path | None, out_dir: Path) -> Path:
     meta = json.loads((Path(checkpoint) / "seas.json").read_text())
     sources = meta["train_normals"]
     limits = cfg.get("limits") or {}
-    n = int(cfg.get("n_per_type") or g.n_per_type)
+    n = positive_int(g.n_per_type if cfg.get("n_per_type") is None else cfg.n_per_type, "n_per_type", 100_000)
     n = min(n, int(limits["n_per_type"])) if limits.get("n_per_type") else n
     n_normals = n if g.get("n_normals") is None else int(g.n_normals)
     n_normals = min(n_normals, n) if limits.get("n_per_type") else n_normals

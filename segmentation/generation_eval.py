@@ -112,8 +112,9 @@ def eval_generation(cfg: DictConfig, run_dir: Path, extractor=None, lpips_model=
     generated = load_generated(gen_root, products, types,
                                need_anomalies=any(m not in ("kid", "fid") for m in wanted),
                                need_normals=bool({"kid", "fid"} & set(wanted)))
-    from core.runs import check_run_identity, save_config
+    from core.runs import check_common, check_run_identity, save_config
     from .protocols import data_identity
+    check_common(cfg)
     check_run_identity(run_dir, cfg, data_identity(cfg, table, generated), what="generation evaluation")
     save_config(cfg, run_dir)
     if "clip_score" in wanted and clip is None:

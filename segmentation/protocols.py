@@ -28,7 +28,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from core.data import DatasetError, Sample, anomaly_types, apply_split, load_from_config
 from core.io import write_json
-from core.runs import check_run_identity, files_identity, resolve_device, save_config
+from core.runs import check_common, check_run_identity, files_identity, resolve_device, save_config
 
 from . import tables
 from .data import ImagePool, load_generated, oracle_tree, take_per_type
@@ -417,6 +417,7 @@ def data_identity(cfg: DictConfig, table: Sequence[Sample], generated: Sequence[
 def eval_downstream(cfg: DictConfig, run_dir: Path) -> Path:
     """``scripts/eval_downstream.py``: every arm x fold x unit, then the tables. Returns the Markdown table path."""
     run_dir = Path(run_dir)
+    check_common(cfg)
     device = resolve_device(cfg.device)
     table = load_from_config(cfg.dataset, cfg.get("products") or None)
     products = resolve_products(cfg, table)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -176,3 +177,31 @@ def test_generation_metrics_refuse_logits_nan_mismatched_and_empty_features():
             fn(real, rng.normal(size=(7, 4)))
         with pytest.raises(ValueError, match="non-empty"):
             fn(real, np.zeros((0, 3)))
+
+
+@pytest.mark.parametrize("override,needle", [
+    ("n_per_type=0", "n_per_type=0 must be a whole number >= 1"),       # was: the default 1000 per type
+    ("n_per_type=-3", "n_per_type=-3 must be a whole number >= 1"),
+    ("n_per_type=2.7", "n_per_type=2.7 must be a whole number >= 1"),
+    ("n_per_type=many", "n_per_type='many' must be a whole number >= 1"),
+    ("n_per_type=1e9", "is more than 100000"),                           # was: a MemoryError
+    ("seed=abc", "seed='abc' must be a whole number >= 0"),
+    ("device=gpu", "device=gpu is not a device name"),
+    ("device=cuda:99", "device=cuda:99"),                                # no GPU, or not 100 of them
+])
+def test_bad_values_are_refused_naming_the_key_before_any_file(run, world, tmp_path, override, needle):
+    from hydra import compose, initialize_config_dir
+
+    from core.runs import generate
+    out = tmp_path / "gen"
+    with initialize_config_dir(config_dir=str(REPO / "configs"), version_base="1.3"):
+        cfg = compose("generate", [f"checkpoint={run}", f"out_dir={out}", *_common(world), override])
+    with pytest.raises(ValueError, match=re.escape(needle)):
+        generate(cfg, out, overrides=[override])
+    assert not out.exists()
+
+
+def test_a_bad_value_on_the_command_line_is_one_line(run, world, tmp_path):
+    r = _script("train.py", "method=seas", *_common(world), "seed=abc", f"hydra.run.dir={tmp_path / 'r'}")
+    _refused(r, "seed='abc' must be a whole number >= 0")
+    assert not _hashes(tmp_path / "r")
