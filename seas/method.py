@@ -25,7 +25,8 @@ from omegaconf import DictConfig, OmegaConf
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
-from core.data import DatasetError, Sample, load_from_config, read_image, read_mask, split_from_config
+from core.data import (DatasetError, Sample, load_from_config, read_image, read_mask, screen_empty_masks,
+                       split_from_config)
 from core.data.torch_dataset import PairedTransform, to_tensor
 from core.diffusion import (AttentionStore, attention_control, capture_outputs, cfg_eps, img2img_start,
                             inference_scheduler, previous_latent, sample)
@@ -63,6 +64,8 @@ def training_samples(cfg: DictConfig, product: str) -> tuple[list[Sample], list[
     anomalies = sorted((s for s in split.train if s.label == 1 and s.product == product), key=lambda s: s.path)
     normals = sorted((s for s in split.train if s.label == 0 and s.product == product), key=lambda s: s.path)
     normals = normals[:int(cfg.method.train.n_normal)]
+    anomalies = screen_empty_masks(anomalies, str(cfg.method.train.get("empty_masks", "error")),
+                                   "method.train.empty_masks")
     if not anomalies:
         raise DatasetError(f"Product '{product}' has no training anomalies under split '{cfg.split.name}' in "
                            f"{cfg.dataset.root}. SeaS needs a few masked anomaly images per type.")

@@ -26,7 +26,7 @@ import numpy as np
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from core.data import DatasetError, Sample, anomaly_types, apply_split, load_from_config
+from core.data import DatasetError, Sample, anomaly_types, apply_split, load_from_config, screen_empty_masks
 from core.io import write_json
 from core.runs import check_common, check_run_identity, files_identity, resolve_device, save_config
 
@@ -137,6 +137,12 @@ def arm_anomalies(cfg: DictConfig, arm: str, products: Sequence[str], real_train
     return (real if proto.real_anomalies_with_generated else []) + pool
 
 
+def checked_anomalies(cfg: DictConfig, arm: str, products, real_train, fold: int, generated) -> list[Sample]:
+    """:func:`arm_anomalies`, with every anomaly's mask checked for pixels (``empty_masks``: error | drop)."""
+    pool = arm_anomalies(cfg, arm, products, real_train, fold, generated)
+    return screen_empty_masks(pool, str(cfg.get("empty_masks", "error")), "empty_masks")
+
+
 def n_extra_per_type(cfg: DictConfig, real: Sequence[Sample], pool: Sequence[Sample]) -> int | None:
     proto = cfg.protocol
     if proto.get("generated_ratio"):
@@ -223,7 +229,7 @@ def run_unit(cfg: DictConfig, arm: str, fold: int, products: Sequence[str], spli
     if task == "synthesis" and arm == "baseline":
         anomalies = []  # plain DRAEM: simulated anomalies only
     else:
-        anomalies = arm_anomalies(cfg, arm, products, split.train, fold, generated)
+        anomalies = checked_anomalies(cfg, arm, products, split.train, fold, generated)
     normals = [s for s in split.train if s.label == 0 and s.product in products] \
         if (cfg.protocol.normals or task in ("binary_classification", "synthesis")) else []
     if not anomalies and task not in ("binary_classification", "synthesis"):

@@ -205,3 +205,25 @@ def test_a_bad_value_on_the_command_line_is_one_line(run, world, tmp_path):
     r = _script("train.py", "method=seas", *_common(world), "seed=abc", f"hydra.run.dir={tmp_path / 'r'}")
     _refused(r, "seed='abc' must be a whole number >= 0")
     assert not _hashes(tmp_path / "r")
+
+
+def test_seas_training_refuses_an_all_zero_training_mask_or_drops_it_on_request(world, tmp_path):
+    import numpy as np
+    from hydra import compose, initialize_config_dir
+    from PIL import Image
+
+    from core.data import DatasetError
+    from seas import method as M
+    data = tmp_path / "synthetic" / "seed0_res64"
+    shutil.copytree(world, data)
+    with initialize_config_dir(config_dir=str(REPO / "configs"), version_base="1.3"):
+        cfg = compose("train", ["method=seas", *_common(data), "product=bottle"])
+    anomalies, _ = M.training_samples(cfg, "bottle")
+    target = anomalies[1]
+    Image.fromarray(np.zeros((64, 64), np.uint8)).save(target.mask_paths[0])
+    with pytest.raises(DatasetError, match="1 anomalous image.* all-zero mask .*method.train.empty_masks=drop"):
+        M.training_samples(cfg, "bottle")
+    cfg.method.train.empty_masks = "drop"
+    with pytest.warns(UserWarning, match="left out 1"):
+        kept, _ = M.training_samples(cfg, "bottle")
+    assert [s.path for s in kept] == [s.path for s in anomalies if s.path != target.path]

@@ -111,6 +111,26 @@ def test_a_rerun_with_other_images_or_another_model_is_refused_not_relabelled(wo
     protocols.eval_downstream(OmegaConf.merge(cfg, {"device": "cpu", "keep_checkpoints": True}), run)
 
 
+def test_an_all_zero_mask_is_an_error_by_default_and_left_out_on_request(world, tmp_path):
+    import shutil
+    w, gen = world
+    gen2 = tmp_path / "gen_empty"
+    shutil.copytree(gen, gen2)
+    ty = S.PRODUCTS["bottle"].defects[0]
+    empty = gen2 / "bottle" / "ground_truth" / ty / "0000_mask.png"
+    Image.fromarray(np.zeros(np.array(Image.open(empty)).shape, np.uint8)).save(empty)
+    extra = SMALL["unet"] + ["arms=[generated]", "products=[bottle]", f"generated={gen2}"]
+    with pytest.raises(DatasetError, match=r"1 anomalous image\(s\) have an all-zero mask \(.*0000_mask.png\)"):
+        protocols.eval_downstream(_cfg(world, "anomalydiffusion", "unet", extra), tmp_path / "a")
+    assert not (tmp_path / "a" / "results").exists()
+    with pytest.warns(UserWarning, match="left out 1 anomalous image"):
+        protocols.eval_downstream(_cfg(world, "anomalydiffusion", "unet", extra + ["empty_masks=drop"]),
+                                  tmp_path / "b")
+    (rec,) = json.loads((tmp_path / "b" / "results" / "generated_fold0_bottle.json").read_text())
+    n_types = len(S.PRODUCTS["bottle"].defects)
+    assert rec["n_train_anomalies"] == n_types * 2 - 1  # 2 generated per type (this protocol adds no real), less one
+
+
 def test_split_keeps_train_and_test_disjoint_in_every_arm(world, tmp_path):
     cfg = _cfg(world, "anomalydiffusion", "unet", SMALL["unet"])
     table = protocols.load_from_config(cfg.dataset)

@@ -200,3 +200,22 @@ def counts(samples: Iterable[Sample], split_of=lambda s: s.split) -> dict[str, d
 def anomaly_types(samples: Iterable[Sample]) -> list[str]:
     """Sorted anomaly types present (normal 'good' excluded)."""
     return sorted({s.anomaly_type for s in samples if s.label == 1})
+
+
+def screen_empty_masks(samples: Sequence[Sample], policy: str = "error", key: str = "empty_masks") -> list[Sample]:
+    """The anomalous ``samples`` whose mask marks no pixel: an error by default (``policy='error'``), naming them and
+    the fix; with ``policy='drop'`` they are left out with a warning. Normal samples pass through unread."""
+    if policy not in ("error", "drop"):
+        raise ValueError(f"{key} must be 'error' or 'drop', got '{policy}'.")
+    empty = [s for s in samples if s.label == 1 and s.mask_paths and not read_mask(s.mask_paths).any()]
+    if not empty:
+        return list(samples)
+    names = ", ".join(str(s.mask_paths[0]) for s in empty[:3]) + (", ..." if len(empty) > 3 else "")
+    if policy == "error":
+        raise DatasetError(f"{len(empty)} anomalous image(s) have an all-zero mask ({names}): they would teach that "
+                           f"a defect has no pixels. Fix: repair those masks, or set {key}=drop to leave them out.")
+    import warnings
+    warnings.warn(f"{key}=drop: left out {len(empty)} anomalous image(s) with an all-zero mask ({names}).",
+                  stacklevel=2)
+    gone = {id(s) for s in empty}
+    return [s for s in samples if id(s) not in gone]
