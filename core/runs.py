@@ -119,7 +119,7 @@ def positive_int(value: Any, key: str, maximum: int | None = None) -> int:
 
 def check_common(cfg: DictConfig) -> None:
     """The keys every entry script reads, checked where they are read: seed, device and the generation counts."""
-    seed = cfg.get("seed")
+    seed = cfg.get("seed", 0)
     if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
         raise ValueError(f"seed={seed!r} must be a whole number >= 0. Fix: seed=0.")
     resolve_device(str(cfg.get("device", "auto")))

@@ -50,14 +50,14 @@ def world(tmp_path_factory):
 def run(world, tmp_path_factory):
     """One finished SeaS run (debug size) that every case shares; no case may change it."""
     out = tmp_path_factory.mktemp("bad_run") / "run"
-    r = _script("train.py", "method=seas", "debug=fast", f"dataset.root={world}", "product=bottle",
+    r = _script("train.py", "method=seas", "debug=fast", f"dataset.root={world}", "dataset.resolution=64", "product=bottle",
                 f"hydra.run.dir={out}")
     assert r.returncode == 0, r.stderr[-3000:]
     return out
 
 
 def _common(world):
-    return ["debug=fast", f"dataset.root={world}"]
+    return ["debug=fast", f"dataset.root={world}", "dataset.resolution=64"]
 
 
 def test_generating_into_a_dataset_refuses_and_deletes_nothing(world, run, tmp_path):
@@ -91,7 +91,7 @@ def test_a_product_the_checkpoint_was_not_trained_on_is_refused(run, world, tmp_
 
 def test_training_another_product_into_a_finished_run_is_refused(run, world):
     before = _hashes(run)
-    r = _script("train.py", "method=seas", "debug=fast", f"dataset.root={world}", "product=pill",
+    r = _script("train.py", "method=seas", "debug=fast", f"dataset.root={world}", "dataset.resolution=64", "product=pill",
                 f"hydra.run.dir={run}")
     _refused(r, "training run defined differently", "product: 'bottle' -> 'pill'", "hydra.run.dir")
     assert _hashes(run) == before
@@ -227,3 +227,17 @@ def test_seas_training_refuses_an_all_zero_training_mask_or_drops_it_on_request(
     with pytest.warns(UserWarning, match="left out 1"):
         kept, _ = M.training_samples(cfg, "bottle")
     assert [s.path for s in kept] == [s.path for s in anomalies if s.path != target.path]
+
+
+def test_a_synthetic_root_is_checked_against_the_config_and_never_built_by_a_typo(world, tmp_path):
+    from core.data import DatasetError, load_dataset
+    typo = tmp_path / "synthetc" / "seed0_res64"
+    with pytest.raises(DatasetError, match="does not exist .*Fix: correct the path, or add dataset.build=true"):
+        load_dataset("synthetic", typo, resolution=64)
+    assert not typo.exists()
+    with pytest.raises(DatasetError, match="built with resolution 64 but the config says resolution 128.*"
+                                           "Fix: add dataset.resolution=64"):
+        load_dataset("synthetic", world)                       # the config's default resolution, 128
+    with pytest.raises(DatasetError, match="built with seed 0 .* says seed 3"):
+        load_dataset("synthetic", world, seed=3, resolution=64)
+    assert {s.product for s in load_dataset("synthetic", world, resolution=64)} == {"bottle"}

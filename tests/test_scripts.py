@@ -70,7 +70,7 @@ def test_make_synthetic_inspect_and_contact_sheet(tmp_path):
     assert r.returncode == 0, r.stderr
     sheet = out / "contact_sheet.png"
     assert Image.open(sheet).size[0] > 64 * 6
-    r = run("inspect_dataset.py", "dataset=synthetic", f"dataset.root={out}", "format=json")
+    r = run("inspect_dataset.py", "dataset=synthetic", f"dataset.root={out}", "dataset.resolution=64", "format=json")
     c = json.loads(r.stdout)
     assert set(c) == {"bottle", "carpet"} and c["bottle"]["train"] == {"good": 4}
     assert c["bottle"]["test"]["crack"] == 2

@@ -551,7 +551,7 @@ def _compose(name, overrides):
 def seas_run(world, tmp_path_factory):
     """A SeaS run trained at debug size on the tiny world (shared by the generation tests, which only read it)."""
     from core.runs import train
-    common = ["method=seas", "debug=fast", f"dataset.root={world}", "product=bottle"]
+    common = ["method=seas", "debug=fast", f"dataset.root={world}", "dataset.resolution=64", "product=bottle"]
     run = tmp_path_factory.mktemp("seas_run") / "run"
     train(_compose("train", common), run)
     return run, common
@@ -892,7 +892,7 @@ def test_two_training_processes_share_the_global_batch_and_reach_the_one_process
     every update (and of the mask branch's), the gradients are summed; the weights match one process's up to the
     order of the float sums (measured: the U-Net bit for bit, the mask branch's weights within 1e-6)."""
     from safetensors.torch import load_file
-    args = ["method=seas", "debug=fast", f"dataset.root={world}", "product=bottle", "method.train.grad_accum=2",
+    args = ["method=seas", "debug=fast", f"dataset.root={world}", "dataset.resolution=64", "product=bottle", "method.train.grad_accum=2",
             "method.rmp.grad_accum=2"]
     one, two = tmp_path / "one", tmp_path / "two"
     _run_script("train.py", [*args, f"hydra.run.dir={one}"], 1)

@@ -32,7 +32,7 @@ def test_a_local_sweep_trains_each_product_and_generates_one_dataset(tmp_path):
     world = tmp_path / "synthetic" / "seed0_res64"
     S.build_world(world, S.WorldConfig(resolution=64, n_train_good=3, n_test_good=1, n_per_type=3,
                                        products=("bottle", "pill")), workers=1, progress=False)
-    common = ["-m", "hydra/launcher=local", "method=seas", "debug=fast", f"dataset.root={world}", "product=bottle,pill"]
+    common = ["-m", "hydra/launcher=local", "method=seas", "debug=fast", f"dataset.root={world}", "dataset.resolution=64", "product=bottle,pill"]
     env = {**__import__("os").environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
 
     def run(script, *args):

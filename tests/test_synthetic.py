@@ -61,7 +61,7 @@ SMALL = dict(resolution=64, n_train_good=3, n_test_good=2, n_per_type=2, product
 
 def test_build_world_layout_and_reload(tmp_path):
     out = S.build_world(tmp_path / "w", S.WorldConfig(**SMALL), workers=1, progress=False)
-    table = load_dataset("synthetic", out)  # validates every file
+    table = load_dataset("synthetic", out, resolution=64)  # validates every file
     assert {s.product for s in table} == {"bottle", "grid"}
     b = [s for s in table if s.product == "bottle"]
     assert sum(s.split == "train" for s in b) == 3 and sum(s.label == 0 and s.split == "test" for s in b) == 2

@@ -18,13 +18,35 @@ from .visa import load_visa
 
 
 def load_synthetic(root: str | Path, products: Iterable[str] | str | None = None, seed: int = 0,
-                   resolution: int = 128, build: bool = True) -> list[Sample]:
-    """The synthetic world at ``root``; built there first (about half a minute) if it is not there yet."""
+                   resolution: int = 128, build: bool | str = "auto") -> list[Sample]:
+    """The synthetic world at ``root``, checked against ``seed`` / ``resolution`` (its ``world.json``).
+
+    A missing world is built there (about half a minute) when ``build`` is true, or when it is ``auto`` and ``root``
+    has the default shape ``.../synthetic/seed<seed>_res<resolution>``: a mistyped explicit root is an error, not a
+    new world."""
     from .synthetic import WorldConfig, build_world
 
     root = Path(root).expanduser()
-    if not root.exists() and build:
-        build_world(root, WorldConfig(seed=seed, resolution=resolution))
+    if not root.exists():
+        default_shape = root.name == f"seed{seed}_res{resolution}" and root.parent.name == "synthetic"
+        if build is True or str(build).lower() == "true" or (str(build) == "auto" and default_shape):
+            build_world(root, WorldConfig(seed=seed, resolution=resolution))
+        else:
+            raise DatasetError(f"dataset.root={root} does not exist (a synthetic world is built by itself only at the "
+                               f"default root .../synthetic/seed{seed}_res{resolution}). Fix: correct the path, or "
+                               f"add dataset.build=true to build a world there.")
+    info = root / "world.json"
+    if info.is_file():
+        import json
+        built = json.loads(info.read_text())
+        wrong = {k: (built.get(k), v) for k, v in (("seed", seed), ("resolution", resolution)) if built.get(k) != v}
+        if wrong:
+            fix = " ".join(f"dataset.{k}={b}" for k, (b, _) in wrong.items())
+            raise DatasetError(f"dataset.root={root} holds a world built with "
+                               + ", ".join(f"{k} {b}" for k, (b, _) in wrong.items()) + " but the config says "
+                               + ", ".join(f"{k} {c}" for k, (_, c) in wrong.items())
+                               + f" (an oracle arm would be drawn at the wrong size). Fix: add {fix}, or use that "
+                               f"world's own root.")
     return load_mvtec_ad(root, products)
 
 
