@@ -12,7 +12,6 @@ from pathlib import Path
 
 import pytest
 
-import core.data.synthetic as S
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -39,11 +38,8 @@ def _refused(r: subprocess.CompletedProcess, *needles: str) -> str:
 
 
 @pytest.fixture(scope="module")
-def world(tmp_path_factory):
-    root = tmp_path_factory.mktemp("bad") / "synthetic" / "seed0_res64"
-    S.build_world(root, S.WorldConfig(resolution=64, n_train_good=3, n_test_good=1, n_per_type=3,
-                                      products=("bottle",)), workers=1, progress=False)
-    return root
+def world(bottle_world):
+    return bottle_world
 
 
 @pytest.fixture(scope="module")

@@ -535,11 +535,8 @@ def test_save_unet_diff_reloads_within_the_float16_rounding_of_the_change(tmp_pa
 
 
 @pytest.fixture(scope="module")
-def world(tmp_path_factory):
-    root = tmp_path_factory.mktemp("seas") / "synthetic" / "seed0_res64"
-    S.build_world(root, S.WorldConfig(resolution=64, n_train_good=3, n_test_good=1, n_per_type=3,
-                                      products=("bottle",)), workers=1, progress=False)
-    return root
+def world(bottle_world):
+    return bottle_world
 
 
 def _compose(name, overrides):
