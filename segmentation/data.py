@@ -7,6 +7,7 @@ written once as an MVTec-layout tree so that the oracle goes through exactly the
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -57,6 +58,44 @@ def load_generated(root: str | Path, products: Sequence[str], dataset_types: dic
                     f"generated={root}/{p} has anomaly type(s) {', '.join(unknown)} that the dataset's '{p}' does "
                     f"not have ({', '.join(dataset_types.get(p, []))}). Fix: generate with the dataset's type names.")
     return samples
+
+
+def _file_sha256(path: str | Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def check_no_test_leak(generated: Sequence[Sample], test: Sequence[Sample], root: str | Path,
+                       what: str = "the benchmark's test images",
+                       harm: str = "training on them would score the test set on itself") -> None:
+    """Refuse a generated folder that holds any of the protocol's test images, as the same file or as a byte-identical
+    copy (the benchmark itself, or a copy of it, passed as ``generated=``: its test images would be trained on and
+    then scored, pixel AP 92 instead of 33 in the case that was found). Compares file contents, so a renamed or copied
+    file is caught; an image re-encoded with other bytes is not (generated images are never byte copies of real ones)."""
+    test_files = {os.path.realpath(t.path): t.path for t in test}
+    by_hash: dict[str, str] = {}
+    sizes = {os.path.getsize(t.path) for t in test}
+    hits = []
+    for g in generated:
+        real = os.path.realpath(g.path)
+        if real in test_files:
+            hits.append((g.path, test_files[real]))
+            continue
+        if os.path.getsize(g.path) not in sizes:   # no test file has this size: it cannot be a copy of one
+            continue
+        if not by_hash:
+            by_hash = {_file_sha256(t.path): t.path for t in test}
+        h = _file_sha256(g.path)
+        if h in by_hash:
+            hits.append((g.path, by_hash[h]))
+    if hits:
+        shown = "; ".join(f"'{a}' = '{b}'" for a, b in hits[:2]) + ("; ..." if len(hits) > 2 else "")
+        raise DatasetError(f"generated={root} holds {len(hits)} image(s) identical to {what} ({shown}): {harm}. "
+                           f"Fix: pass the out_dir of scripts/generate.py, not the dataset or a copy of it, and remove "
+                           f"any real image from the generated folder.")
 
 
 def oracle_tree(root: str | Path, product: str, types: Iterable[str], n_per_type: int, n_normals: int = 0,

@@ -34,7 +34,7 @@ from core.metrics.generation import (ICLPIPSVariant, extract, fid, ic_lpips, inc
                                      lpips_distance)
 
 from . import tables
-from .data import ImagePool, load_generated
+from .data import ImagePool, check_no_test_leak, load_generated
 
 COLUMNS = {"is": "IS", "ic_lpips": "IC-LPIPS", "ic_lpips_anomaly": "IC-LPIPS(a)", "kid": "KID", "fid": "FID",
            "fid_anomaly": "FID(a)", "clip_score": "CLIP score"}
@@ -112,6 +112,8 @@ def eval_generation(cfg: DictConfig, run_dir: Path, extractor=None, lpips_model=
     generated = load_generated(gen_root, products, types,
                                need_anomalies=any(m not in ("kid", "fid") for m in wanted),
                                need_normals=bool({"kid", "fid"} & set(wanted)))
+    check_no_test_leak(generated, table, gen_root, what="the dataset's real images",
+                       harm="the metrics would compare real images with themselves")
     from core.runs import check_common, check_run_identity, save_config
     from .protocols import data_identity
     check_common(cfg)

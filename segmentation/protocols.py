@@ -31,7 +31,7 @@ from core.io import write_json
 from core.runs import check_common, check_run_identity, files_identity, resolve_device, save_config
 
 from . import tables
-from .data import ImagePool, load_generated, oracle_tree, take_per_type
+from .data import ImagePool, check_no_test_leak, load_generated, oracle_tree, take_per_type
 from .models import build_classifier, build_segmenter, normalizer
 from .scores import max_score, pooled_max_score
 from .train import TrainSpec, predict_maps, train
@@ -434,6 +434,10 @@ def eval_downstream(cfg: DictConfig, run_dir: Path) -> Path:
     if "generated" in arms:
         generated = load_generated(cfg.generated, products, types,
                                    need_anomalies=True)
+        for fold in cfg.protocol.folds:   # before anything is written: no test image of any fold may be trained on
+            split_node = dict(cfg.protocol.split)
+            test = apply_split(table, split_node.pop("name"), fold=int(fold), **split_node).test
+            check_no_test_leak(generated, [s for s in test if s.product in products], cfg.generated)
     # a rerun reuses finished units' results: only when the config and the images they were computed on are the same
     check_run_identity(run_dir, cfg, data_identity(cfg, table, generated), what="downstream evaluation")
     save_config(cfg, run_dir)

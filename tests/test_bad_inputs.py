@@ -237,3 +237,71 @@ def test_a_synthetic_root_is_checked_against_the_config_and_never_built_by_a_typ
     with pytest.raises(DatasetError, match="built with seed 0 .* says seed 3"):
         load_dataset("synthetic", world, seed=3, resolution=64)
     assert {s.product for s in load_dataset("synthetic", world, resolution=64)} == {"bottle"}
+
+
+def _undecodable_png(path: Path) -> None:
+    """Rewrite a PNG so that its chunk structure and every CRC are valid but its pixel data does not inflate."""
+    import struct
+    import zlib
+    data = path.read_bytes()
+    out, pos = [data[:8]], 8
+    while pos < len(data):
+        n, kind = struct.unpack(">I4s", data[pos:pos + 8])
+        body = data[pos + 8:pos + 8 + n]
+        if kind == b"IDAT":
+            body = b"\x78\x9c" + b"\xff" * max(8, n - 2)   # zlib header, then a reserved (invalid) block type
+        out.append(struct.pack(">I4s", len(body), kind) + body + struct.pack(">I", zlib.crc32(kind + body)))
+        pos += 12 + n
+    path.write_bytes(b"".join(out))
+
+
+def test_an_undecodable_png_with_valid_checksums_is_refused_by_inspect(world, tmp_path):
+    """Validation decodes the images, not only their headers and CRCs (such a file passed inspect_dataset before)."""
+    from PIL import Image
+    from core.data.table import DatasetError, image_size
+    data = tmp_path / "synthetic" / "seed0_res64"
+    shutil.copytree(world, data)
+    bad = sorted((data / "bottle" / "test").rglob("*.png"))[-1]
+    _undecodable_png(bad)
+    with Image.open(bad) as im:
+        im.verify()                                   # the structure and the checksums pass
+    with pytest.raises(DatasetError, match="Cannot read image"):
+        image_size(bad)
+    before = _hashes(data)
+    r = _script("inspect_dataset.py", "dataset=synthetic", f"dataset.root={data}", "dataset.resolution=64")
+    _refused(r, "Cannot read image", bad.name)
+    assert _hashes(data) == before
+
+
+def test_the_benchmark_or_its_test_images_as_generated_data_are_refused(world, tmp_path):
+    """generated= pointing at the benchmark (or a folder holding a copy of one of its test images) would train on the
+    test set (pixel AP 92 instead of 33 when it was found): refused before anything is written."""
+    from core.data import DatasetError, apply_split, load_dataset, load_folder
+    from segmentation.data import check_no_test_leak
+    out = tmp_path / "eval"
+    before = _hashes(world)
+    r = _script("eval_downstream.py", *_common(world), "protocol=seas", "downstream=unet", "products=[bottle]",
+                f"generated={world}", f"hydra.run.dir={out}")
+    _refused(r, f"generated={world}", "identical to the benchmark's test images")
+    assert _hashes(world) == before and not (out.exists() and any(out.iterdir()))   # nothing written
+    r = _script("eval_generation.py", f"dataset.root={world}", "dataset.resolution=64", f"generated={world}",
+                "products=[bottle]", f"hydra.run.dir={tmp_path / 'gen_eval'}")
+    _refused(r, "identical to the dataset's real images")
+    # a generated-looking folder with one test image copied in under another name
+    table = load_dataset("synthetic", world, resolution=64)
+    test = apply_split(table, "one_third").test
+    gen = tmp_path / "gen"
+    shutil.copytree(world, gen)
+    for p in gen.rglob("*.png"):                     # every image altered (as a generator's would be) ...
+        p.write_bytes(p.read_bytes() + b"\0")
+    anomalous = [s for s in test if s.label == 1]
+    victim = anomalous[-1]
+    rel = Path(victim.path).relative_to(world)
+    shutil.copyfile(victim.path, gen / rel)           # ... except one, a byte copy of a test anomaly
+    samples = load_folder(gen, ["bottle"])
+    with pytest.raises(DatasetError, match=f"holds 1 image.*{rel.name}"):
+        check_no_test_leak(samples, test, gen)
+    # the same copy of a training anomaly (not a test image of this split) is no leak; nor is a clean folder
+    train_anomaly = [s for s in apply_split(table, "one_third").train if s.label == 1][0]
+    (gen / rel).write_bytes(Path(train_anomaly.path).read_bytes() + b"\0")
+    check_no_test_leak(load_folder(gen, ["bottle"]), test, gen)

@@ -62,7 +62,7 @@ DATASETS: dict[str, Callable[..., list[Sample]]] = {
 
 def load_dataset(name: str, root: str | Path, products: Iterable[str] | str | None = None,
                  validate: bool = True, **options) -> list[Sample]:
-    """Samples table of dataset ``name`` at ``root``; ``validate`` opens every image and mask header."""
+    """Samples table of dataset ``name`` at ``root``; ``validate`` decodes every image and mask."""
     if name not in DATASETS:
         raise DatasetError(f"Unknown dataset '{name}'. Available: {', '.join(DATASETS)}.")
     table = DATASETS[name](root, products, **options)
