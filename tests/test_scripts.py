@@ -88,7 +88,7 @@ def test_synthetic_dataset_builds_on_first_use(tmp_path):
 
 def test_eval_downstream_one_command_on_a_real_layout_and_a_clear_error_for_a_broken_folder(tmp_path):
     data = trees.mvtec_ad(tmp_path / "data", products=("widget",), n_per_type=3)
-    gen = trees.mvtec_ad(tmp_path / "gen", products=("widget",), n_per_type=2)
+    gen = trees.mvtec_ad(tmp_path / "gen", products=("widget",), n_per_type=2, variant=1000)
     common = ["dataset=mvtec_ad", f"dataset.root={data}", "downstream.base=4", "image_size=32", "limits.max_train_steps=2",
               "protocol=anomalydiffusion", "label=mygen"]
     r = run("eval_downstream.py", *common, f"generated={gen}", f"hydra.run.dir={tmp_path / 'run'}",

@@ -42,17 +42,19 @@ def defect_at(i: int) -> tuple[int, int, int]:
 
 
 def mvtec_ad(root: Path, products=("widget", "gridlike"), n_train=4, n_test_good=2, types=("scratch", "hole"),
-             n_per_type=3, gray_products=("gridlike",)) -> Path:
+             n_per_type=3, gray_products=("gridlike",), variant: int = 0) -> Path:
+    """An MVTec-layout tree; ``variant`` != 0 draws other images (a "generated" folder must not be a copy of the
+    dataset's test images: eval_downstream refuses one that is)."""
     for p in products:
         gray = p in gray_products
         for i in range(n_train):
-            save(root / p / "train" / "good" / f"{i:03d}.png", image(i, gray))
+            save(root / p / "train" / "good" / f"{i:03d}.png", image(variant + i, gray))
         for i in range(n_test_good):
-            save(root / p / "test" / "good" / f"{i:03d}.png", image(100 + i, gray))
+            save(root / p / "test" / "good" / f"{i:03d}.png", image(variant + 100 + i, gray))
         for t in types:
             for i in range(n_per_type):
                 d = defect_at(i)
-                save(root / p / "test" / t / f"{i:03d}.png", image(200 + i, gray, d))
+                save(root / p / "test" / t / f"{i:03d}.png", image(variant + 200 + i, gray, d))
                 save(root / p / "ground_truth" / t / f"{i:03d}_mask.png", mask(d))
     return root
 
