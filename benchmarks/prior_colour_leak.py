@@ -37,12 +37,13 @@ def main() -> None:
     ap.add_argument("--products", nargs="+", default=["bottle", "screw", "leather", "pill"])
     ap.add_argument("--n", type=int, default=12)
     ap.add_argument("--guidance", type=float, default=4.0)
+    ap.add_argument("--device", default="cpu", help="where the prior samples (random draws stay on the CPU)")
     ap.add_argument("--judge", action="store_true", help="add the world CLIP's product accuracy of both sample sets")
     a = ap.parse_args()
     products = ALL_PRODUCTS if a.products == ["all"] else a.products
     clip = load_clip() if a.judge else None
     torch.manual_seed(0)
-    comp = load_model({"kind": "mini", "version": 1 if a.model == "mini_v1" else 2, "path": a.path})
+    comp = load_model({"kind": "mini", "version": 1 if a.model == "mini_v1" else 2, "path": a.path}).to(a.device)
     sched = inference_scheduler(comp.scheduler.config, "ddim", "leading")
     sched.set_timesteps(25)
     t0 = int(sched.timesteps[0])
@@ -60,11 +61,12 @@ def main() -> None:
         uncond = comp.encode_prompt([""] * a.n)
         z = torch.randn(a.n, 4, comp.latent_size, comp.latent_size, generator=torch.Generator().manual_seed(0))
         with torch.no_grad():
-            mu = comp.encode_images(real).mean((0, 2, 3))
-            plain = comp.decode_latents(sample(cfg_eps(comp.unet, cond, uncond, a.guidance), sched, z, progress=False))
+            mu = comp.encode_images(real.to(comp.device)).mean((0, 2, 3)).cpu()
+            plain = comp.decode_latents(sample(cfg_eps(comp.unet, cond, uncond, a.guidance), sched,
+                                               z.to(comp.device), progress=False)).cpu()
             z_leak = z - z.mean((2, 3), keepdim=True) + leak * mu[None, :, None, None]
-            leaked = comp.decode_latents(sample(cfg_eps(comp.unet, cond, uncond, a.guidance), sched, z_leak,
-                                                progress=False))
+            leaked = comp.decode_latents(sample(cfg_eps(comp.unet, cond, uncond, a.guidance), sched,
+                                                z_leak.to(comp.device), progress=False)).cpu()
         row = f"| {p} | {mean_rgb(real)} | {mean_rgb(plain)} | {mean_rgb(leaked)} |"
         if clip is not None:
             k = list(ALL_PRODUCTS).index(p)

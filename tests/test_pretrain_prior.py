@@ -178,18 +178,21 @@ def test_finetune_stage_continues_the_saved_prior_with_its_overrides(tmp_path, m
                     start={k: v.clone() for k, v in comp.unet.state_dict().items()})
         return real(comp, pool, latents, dcfg, work, seed)
     monkeypatch.setattr(P, "train_denoiser", spy)
-    ft = {**cfg["finetune"], "steps": 2}
+    ft = {**cfg["finetune"], "steps": 2, "batch": 3}
+    assert cfg["unet"]["batch"] != 3 and "weight_decay" not in ft
     report = P.finetune({**cfg, "finetune": ft}, tmp_path / "prior", tmp_path / "work")
-    assert report["denoiser"]["steps_run"] == 2
+    assert report["denoiser"]["steps_run"] == 2 and report["device"].startswith("cpu")
     assert seen["seed"] == ft["seed"] and seen["work"] == tmp_path / "work" / "finetune"
     assert seen["dcfg"]["offset_noise"] == ft["offset_noise"] and seen["dcfg"]["lr"] == ft["lr"]
-    assert seen["dcfg"]["batch"] == cfg["unet"]["batch"]  # the rest from the unet stage
+    assert seen["dcfg"]["batch"] == 3   # finetune.batch overrides the unet stage's
+    assert seen["dcfg"]["weight_decay"] == cfg["unet"]["weight_decay"]  # the rest from the unet stage
     for k, v in saved.unet.state_dict().items():  # it started from the saved (float16) weights
         assert torch.equal(seen["start"][k], v), k
     after = load_model({"kind": "mini", "path": str(tmp_path / "prior")})
     assert any(not torch.equal(after.unet.state_dict()[k], v) for k, v in saved.unet.state_dict().items())
     assert OmegaConf.load(tmp_path / "prior" / "config.yaml").finetune.steps == 2
     assert after.source["finetune"]["steps"] == 2 and after.source["finetune"]["seed"] == ft["seed"]
+    assert after.source["finetune"]["batch"] == 3   # toolkit.json records the batch stage 3 ran at
     assert (tmp_path / "prior" / "corpus.json").read_text() == corpus   # what it was trained on stays beside it
     # rerunning resumes from the stage-3 checkpoint (the same weights); without it, it refuses to fine-tune twice
     P.finetune({**cfg, "finetune": ft}, tmp_path / "prior", tmp_path / "work")
@@ -214,4 +217,5 @@ def test_the_script_runs_all_three_stages_and_the_card_tells_stage_3(tmp_path):
     assert report["training"]["denoiser"]["steps_run"] == 3 and report["finetune"]["denoiser"]["steps_run"] == 2
     card = (tmp_path / "prior" / "README.md").read_text()
     assert "Stage 3" in card and "2 steps in" in card and f"offset noise {cfg['finetune']['offset_noise']}" in card
+    assert "2 steps of batch 2 with" in card and "Stage 3 on cpu (" in card   # batch and device of stage 3
     assert json.loads((tmp_path / "prior" / "toolkit.json").read_text())["source"]["finetune"]["steps"] == 2

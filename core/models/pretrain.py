@@ -299,7 +299,7 @@ def vae_reconstruction(comp: SDComponents, products: tuple[str, ...], n_per_prod
         pool = render_pool((p,), n_per_product - n_per_product // 2, n_per_product // 2, resolution, seed + 1,
                            desc=f"eval {p}")
         x = _to_tensor(pool.images)
-        rec = comp.decode_latents(comp.encode_images(x))
+        rec = comp.decode_latents(comp.encode_images(x.to(comp.device))).cpu()
         mse = float(((rec - x) ** 2).mean())
         out[p] = {"mse": mse, "psnr": float(10 * math.log10(1.0 / max(mse, 1e-12)))}
     return out
@@ -358,7 +358,7 @@ def finetune(cfg: dict, out_dir: str | Path, work_dir: str | Path) -> dict:
     pool = corpus_from_config(cfg)
     latents = encode_pool(comp, pool)
     seed = int(ft.pop("seed", cfg["seed"]))
-    report = {"encode_seconds": time.perf_counter() - t0}
+    report = {"encode_seconds": time.perf_counter() - t0, "device": device_name(comp.device)}
     report["denoiser"] = train_denoiser(comp, pool, latents, {**cfg["unet"], **ft,
                                                              "checkpoint_every": cfg["checkpoint_every"]}, work, seed)
     comp.source = {**{k: v for k, v in source.items() if k not in ("path",)}, "finetune": {**ft, "seed": seed}}
@@ -367,6 +367,14 @@ def finetune(cfg: dict, out_dir: str | Path, work_dir: str | Path) -> dict:
     if corpus is not None:   # the same corpus trained stage 3; the report and card describe the old weights and go
         (out_dir / "corpus.json").write_bytes(corpus)
     return report
+
+
+def device_name(device: torch.device) -> str:
+    """Where a stage ran, for its report and the model card: "cpu (N threads)" or "cuda (<GPU name>)"."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return f"cuda ({torch.cuda.get_device_name(device)})"
+    return f"{device.type} ({torch.get_num_threads()} threads)"
 
 
 def corpus_record(cfg: dict, pool: Pool, manifest_sha: str) -> dict:

@@ -39,9 +39,10 @@ def sample_prompt(comp: SDComponents, prompt: str, n: int, steps: int, guidance:
         uncond = comp.encode_prompt([""] * m)
         sched.set_timesteps(int(steps))
         g = torch.Generator().manual_seed(seed * 7919 + start)
+        # drawn on the CPU, so a sample is the same on any device (up to its floating point)
         z = torch.randn(m, comp.unet.config.in_channels, comp.latent_size, comp.latent_size, generator=g)
-        z0 = sample(cfg_eps(comp.unet, cond, uncond, float(guidance)), sched, z, progress=False)
-        out.append(comp.decode_latents(z0).float())
+        z0 = sample(cfg_eps(comp.unet, cond, uncond, float(guidance)), sched, z.to(comp.device), progress=False)
+        out.append(comp.decode_latents(z0).float().cpu())
     return torch.cat(out)
 
 

@@ -24,7 +24,7 @@ DEBUG_OVERRIDES = {
                "normal_per_product": 3, "defect_per_product": 3},
     "vae": {"steps": 3, "batch": 2, "crop": 32, "warmup": 1},
     "unet": {"steps": 3, "batch": 2, "warmup": 1},
-    "finetune": {"steps": 2, "warmup": 1},
+    "finetune": {"steps": 2, "batch": 2, "warmup": 1},
     "report": {"held_out_images": 2, "sample_steps": 2, "samples_per_prompt": 1, "clip_eval": {"enabled": False}},
 }
 
@@ -45,7 +45,7 @@ def _prompts(pretrain: list[str], held_out: list[str]) -> list[tuple[str, str, s
 @torch.no_grad()
 def write_report(cfg: dict, out_dir: Path, work_dir: Path) -> dict:
     rcfg = cfg["report"]
-    comp = load_diffusers_dir(out_dir, "mini prior")
+    comp = load_diffusers_dir(out_dir, "mini prior").to(cfg.get("device") or "cpu")
     comp.unet.eval(), comp.vae.eval(), comp.text_encoder.eval()
     t0 = time.perf_counter()
     held_out = [p for p in BENCHMARK_PRODUCTS if p in PRODUCTS]
@@ -73,9 +73,9 @@ def write_report(cfg: dict, out_dir: Path, work_dir: Path) -> dict:
         sched.set_timesteps(int(rcfg["sample_steps"]))
         g = torch.Generator().manual_seed(cfg["seed"] * 100 + i)
         z = torch.randn(n, 4, comp.latent_size, comp.latent_size, generator=g)
-        z0 = sample(cfg_eps(comp.unet, cond, uncond.expand(n, -1, -1), float(rcfg["guidance"])), sched, z,
-                    progress=False)
-        imgs = (comp.decode_latents(z0).permute(0, 2, 3, 1).numpy() * 255).round().astype(np.uint8)
+        z0 = sample(cfg_eps(comp.unet, cond, uncond.expand(n, -1, -1), float(rcfg["guidance"])), sched,
+                    z.to(comp.device), progress=False)
+        imgs = (comp.decode_latents(z0).cpu().permute(0, 2, 3, 1).numpy() * 255).round().astype(np.uint8)
         rest = prompt.replace(f"a photo of a {product_words(product)}", "").strip()
         rows.append(((group, product, f"+ {rest}" if rest else "(normal prompt)"), [ref] + list(imgs)))
     grid = labelled_grid(rows, out_dir / "sample_grid.png", cell=cfg["resolution"])
@@ -118,7 +118,8 @@ def clip_evaluation(cfg: dict, comp) -> dict:
               guidance=float(cfg["report"]["guidance"]), seed=int(cfg["seed"]), resolution=int(cfg["resolution"]))
     out = {f"v{cfg.get('version', 2)}": evaluate_prior(comp, clip, real, **kw)}
     for v in ce.get("compare") or []:
-        out[f"v{v}"] = evaluate_prior(load_model({"kind": "mini", "version": int(v)}), clip, real, **kw)
+        other = load_model({"kind": "mini", "version": int(v)}).to(comp.device)
+        out[f"v{v}"] = evaluate_prior(other, clip, real, **kw)
     return out
 
 
@@ -169,7 +170,8 @@ def _finetune_text(cfg: dict) -> str:
     if not int(ft.get("steps") or 0):
         return ""
     return (f"\nStage 3 (`stage=finetune`, also part of the first command): the saved prior (float16) trains on for "
-            f"{ft['steps']} steps with offset noise {ft.get('offset_noise', cfg['unet'].get('offset_noise'))} (one "
+            f"{ft['steps']} steps of batch {ft.get('batch', cfg['unet']['batch'])} with offset noise "
+            f"{ft.get('offset_noise', cfg['unet'].get('offset_noise'))} (one "
             f"N(0, offset) constant per image and channel added to the training noise), AdamW {ft.get('lr')} (text "
             f"{ft.get('text_lr')}), warm-up {ft.get('warmup')}, seed {ft.get('seed')}, a fresh optimiser and EMA; "
             f"`toolkit.json` records it under `source.finetune`.")
@@ -180,7 +182,8 @@ def _finetune_time(report: dict, minutes) -> str:
     d = ft.get("denoiser") or {}
     if not d:
         return ""
-    return (f" Stage 3: encoding the corpus {minutes(ft.get('encode_seconds'))}, {d.get('steps_run')} steps in "
+    where = f" on {ft['device']}" if ft.get("device") else ""
+    return (f" Stage 3{where}: encoding the corpus {minutes(ft.get('encode_seconds'))}, {d.get('steps_run')} steps in "
             f"{minutes(d.get('seconds'))}, final loss {d.get('final_loss')}.")
 
 
