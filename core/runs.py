@@ -11,7 +11,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from .data import DatasetError
-from .io import write_json, write_text
+from .io import read_run_json, read_run_yaml, write_json, write_text
 from .registry import get_method, load_method
 
 CHECKPOINT_KEYS = ("method", "model", "dataset", "split", "product", "seed")
@@ -80,7 +80,11 @@ def run_identity(run_dir: str | Path) -> str:
     """The identity hash a training run recorded (runs from before identities: a hash of its config.yaml)."""
     path = Path(run_dir) / IDENTITY
     if path.is_file():
-        return str(json.loads(path.read_text())["hash"])
+        record = read_run_json(path, "the run's identity", f"restore it from a copy of the run, or delete {path} "
+                               f"to treat the run as one from before identities (its config.yaml's hash).")
+        if not isinstance(record, dict) or "hash" not in record:
+            raise ValueError(f"{path} holds no identity hash. Fix: restore it from a copy of the run, or delete it.")
+        return str(record["hash"])
     config = Path(run_dir) / "config.yaml"
     return hashlib.sha256(config.read_bytes()).hexdigest()[:16] if config.is_file() else "unknown"
 
@@ -174,7 +178,8 @@ def merge_checkpoint_config(cfg: DictConfig, checkpoint: Path, overrides: Sequen
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint={checkpoint} has no config.yaml: pass the run directory that "
                                 f"scripts/train.py wrote (hydra.run.dir of the training run).")
-    trained = OmegaConf.load(path)
+    trained = read_run_yaml(path, "the training run's resolved config",
+                            f"restore it from a copy of the run, or train again into a new folder.")
     given = {o.lstrip("+~").split("=")[0].split(".")[0] for o in overrides}
     merged = cfg.copy()
     with open_dict(merged):
@@ -190,7 +195,8 @@ def generate(cfg: DictConfig, out_dir: Path, overrides: Sequence[str] = ()) -> P
         if not checkpoint.is_dir():
             raise FileNotFoundError(f"checkpoint={checkpoint} is not a directory: pass the run directory of train.py.")
         cfg = merge_checkpoint_config(cfg, checkpoint, overrides)
-        trained = OmegaConf.load(checkpoint / "config.yaml").get("product")
+        trained = read_run_yaml(checkpoint / "config.yaml", "the training run's resolved config",
+                                "restore it from a copy of the run, or train again into a new folder.").get("product")
         if trained is not None and str(cfg.get("product")) != str(trained):
             raise DatasetError(f"checkpoint={checkpoint} was trained on product '{trained}', not "
                                f"'{cfg.get('product')}'. Fix: drop product= (it comes from the checkpoint), or pass "

@@ -16,6 +16,7 @@ from core.data.inspect import format_counts, inspect_counts
 def main(cfg: DictConfig) -> None:
     products = OmegaConf.to_object(cfg.product) if OmegaConf.is_list(cfg.product) else cfg.product
     try:
+        format_counts({}, cfg.format)   # a bad format= fails before the dataset is read
         c = inspect_counts(cfg.dataset, cfg.split, products, cfg.validate)
     except (DatasetError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)

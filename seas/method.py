@@ -22,7 +22,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from omegaconf import DictConfig, OmegaConf
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
 from core.data import (DatasetError, Sample, load_from_config, read_image, read_mask, screen_empty_masks,
@@ -32,7 +32,7 @@ from core.diffusion import (AttentionStore, attention_control, capture_outputs, 
                             inference_scheduler, previous_latent, sample)
 from core.engine import Engine, EngineSpec, inference_dtype, make_adamw
 from core.export import GeneratedWriter
-from core.io import atomic_write, write_json
+from core.io import atomic_write, load_weights, read_run_json, read_run_safetensors, write_json
 from core.models import SDComponents, load_diffusers_dir, load_model
 from core.models.slim import is_slim, load_slim, save_slim, weights_hash
 from core.runs import positive_int, resolve_device, run_identity
@@ -464,7 +464,10 @@ def train(cfg: DictConfig, run_dir: Path) -> Path:
 
 def _log_time(run_dir: Path, stage: str, seconds: float) -> None:
     path = run_dir / "timings.json"
-    times = json.loads(path.read_text()) if path.is_file() else {}
+    try:   # a log, not a result: an unreadable one starts again
+        times = json.loads(path.read_text()) if path.is_file() else {}
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        times = {}
     times[stage] = round(seconds, 1)
     write_json(path, times)
 
@@ -472,6 +475,11 @@ def _log_time(run_dir: Path, stage: str, seconds: float) -> None:
 def generator_saved(gen_dir: Path) -> bool:
     """A finished generator: slim (this version) or a full diffusers directory (runs of earlier versions)."""
     return is_slim(gen_dir) or (gen_dir / "model_index.json").is_file()
+
+
+def _retrain_fix(run_dir: Path) -> str:
+    return (f"restore the run directory from a copy, or train it again into a new folder (scripts/train.py method=seas "
+            f"... hydra.run.dir=<new folder>); {run_dir} is not usable as it is.")
 
 
 def load_generator(run_dir: Path, device: torch.device | str = "cpu", base_model=None
@@ -484,7 +492,7 @@ def load_generator(run_dir: Path, device: torch.device | str = "cpu", base_model
     if not generator_saved(run_dir / "generator") or not meta_path.is_file():
         raise FileNotFoundError(f"{run_dir} holds no trained SeaS generator (expected generator/ and seas.json). "
                                 f"Fix: run scripts/train.py method=seas ... hydra.run.dir={run_dir} to finish it.")
-    meta = json.loads(meta_path.read_text())
+    meta = read_run_json(meta_path, "the SeaS run's prompt and training images", _retrain_fix(run_dir))
     if is_slim(run_dir / "generator"):
         comp = load_slim(run_dir / "generator", base_model)
     else:
@@ -503,16 +511,25 @@ def load_rmp(run_dir: Path, comp: SDComponents) -> RefinedMaskPrediction:
     if not path.is_file():
         raise FileNotFoundError(f"{path} is missing: the mask branch was not trained. Fix: rerun scripts/train.py "
                                 f"with hydra.run.dir={run_dir} (it trains only what is missing).")
-    kw = json.loads((Path(run_dir) / "rmp.json").read_text())
+    fix = (f"delete {path} and {Path(run_dir) / 'rmp.json'}, then rerun scripts/train.py with "
+           f"hydra.run.dir={run_dir} (it retrains only the mask branch).")
+    kw = read_run_json(Path(run_dir) / "rmp.json", "the mask branch's constructor arguments", fix)
     kw.pop("steps", None)
     if "mrm_channels" in kw:
         raise ValueError(f"{path} holds the mask branch of an earlier toolkit version (MRM widths "
                          f"{kw['mrm_channels']}); "
                          f"the branch is now built as the official code builds it. Fix: delete {path} and rerun "
                          f"scripts/train.py with hydra.run.dir={run_dir} (it retrains only the mask branch).")
-    rmp = RefinedMaskPrediction.for_models(comp.unet.config, comp.vae.config,
-                                           **{k: tuple(v) if isinstance(v, list) else v for k, v in kw.items()})
-    rmp.load_state_dict(load_file(str(path)))
+    try:
+        if not isinstance(kw, dict):
+            raise TypeError(f"a JSON {type(kw).__name__}, not an object")
+        rmp = RefinedMaskPrediction.for_models(comp.unet.config, comp.vae.config,
+                                               **{k: tuple(v) if isinstance(v, list) else v for k, v in kw.items()})
+    except TypeError as e:
+        raise ValueError(f"{Path(run_dir) / 'rmp.json'} does not hold the mask branch's constructor arguments ({e}). "
+                         f"Fix: {fix}") from None
+    load_weights(rmp, read_run_safetensors(path, "the mask branch's weights", fix), path,
+                 "this run's mask branch", fix)
     return rmp.to(comp.device).eval()  # eval: the official code leaves BatchNorm in training mode here (a bug)
 
 
@@ -636,13 +653,17 @@ def calibrate_mask_threshold(cfg: DictConfig, checkpoint: Path, comp: SDComponen
                 "mask_latent": str(g.get("mask_latent", "input")), "grid": list(THRESHOLD_GRID),
                 "dtype": str(g.get("dtype", "fp32"))}
     path = Path(checkpoint) / "mask_calibration.json"
-    if path.is_file():
-        saved = json.loads(path.read_text())
-        if saved.get("settings") == settings:
+    if path.is_file():   # a cache of the calibration: an unreadable one is computed again and replaced
+        try:
+            saved = json.loads(path.read_text())
+        except (UnicodeDecodeError, json.JSONDecodeError):
+            saved = {}
+        if isinstance(saved, dict) and saved.get("settings") == settings:
             return saved
     anomalies, normals = training_samples(cfg, str(cfg.product))
     data = load_images(anomalies, normals[:1], comp.resolution, str(cfg.method.train.get("preprocess", "official")))
-    trained_on = json.loads((Path(checkpoint) / "seas.json").read_text())["train_anomalies"]
+    trained_on = read_run_json(Path(checkpoint) / "seas.json", "the SeaS run's prompt and training images",
+                               _retrain_fix(checkpoint))["train_anomalies"]
     if data.anomaly_paths != trained_on:
         raise ValueError(f"mask_threshold=auto calibrates on the run's training anomalies, but the dataset and split "
                          f"of this config give {len(data.anomaly_paths)} other images than the {len(trained_on)} "
@@ -718,7 +739,8 @@ def generate(cfg: DictConfig, checkpoint: Path | None, out_dir: Path) -> Path:
     rmp = load_rmp(checkpoint, comp)
     if dtype != torch.float32:   # official inference: fp16 weights (bf16 where fp16 is unavailable, e.g. a CPU)
         comp.to(dtype=dtype), rmp.to(dtype=dtype)
-    meta = json.loads((Path(checkpoint) / "seas.json").read_text())
+    meta = read_run_json(Path(checkpoint) / "seas.json", "the SeaS run's prompt and training images",
+                         _retrain_fix(checkpoint))
     sources = meta["train_normals"]
     limits = cfg.get("limits") or {}
     n = positive_int(g.n_per_type if cfg.get("n_per_type") is None else cfg.n_per_type, "n_per_type", 100_000)

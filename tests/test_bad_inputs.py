@@ -305,3 +305,57 @@ def test_the_benchmark_or_its_test_images_as_generated_data_are_refused(world, t
     train_anomaly = [s for s in apply_split(table, "one_third").train if s.label == 1][0]
     (gen / rel).write_bytes(Path(train_anomaly.path).read_bytes() + b"\0")
     check_no_test_leak(load_folder(gen, ["bottle"]), test, gen)
+
+
+def _truncate(p: Path) -> None:
+    p.write_bytes(p.read_bytes()[: max(1, p.stat().st_size // 3)])
+
+
+def _other_network(p: Path) -> None:
+    from safetensors.torch import save_file
+    import torch
+    save_file({"conv.weight": torch.zeros(3, 3, 1, 1), "conv.bias": torch.zeros(3)}, str(p))
+
+
+CORRUPTIONS = [   # (file of the run, how it is spoiled, what the one error line must name)
+    ("rmp.safetensors", _truncate, "not a readable safetensors file"),
+    ("rmp.safetensors", _other_network, "does not hold the weights of this run's mask branch"),
+    ("rmp.json", Path.unlink, "rmp.json is missing"),
+    ("rmp.json", lambda p: p.write_text("{\"heads\": "), "rmp.json is not valid JSON"),
+    ("rmp.json", lambda p: p.write_text("{\"widths\": 3}"), "rmp.json does not hold the mask branch's constructor"),
+    ("seas.json", lambda p: p.write_text("not json"), "seas.json is not valid JSON"),
+    ("config.yaml", lambda p: p.write_text("method: [unclosed\n  - x: {"), "config.yaml is not a valid YAML config"),
+    ("generator/text_embeddings.safetensors", _truncate, "text_embeddings.safetensors is not a readable"),
+    ("generator/text_embeddings.safetensors", _other_network, "does not hold text-embedding rows of this base"),
+    ("generator/slim.json", lambda p: p.write_text("{"), "slim.json is not valid JSON"),
+    ("identity.json", lambda p: p.write_text("[]"), "identity.json holds no identity hash"),
+]
+
+
+@pytest.mark.parametrize("name,spoil,needle", CORRUPTIONS, ids=[f"{c[0]}-{i}" for i, c in enumerate(CORRUPTIONS)])
+def test_a_corrupt_run_file_is_one_error_naming_it(run, world, tmp_path, name, spoil, needle):
+    """Truncated, missing or foreign files in a run dir (each tracebacked before): generate exits 2 with one line that
+    names the file and the fix, and changes nothing in the run."""
+    copy = tmp_path / "run"
+    shutil.copytree(run, copy)
+    target = copy / name
+    assert target.is_file(), sorted(str(p.relative_to(copy)) for p in copy.rglob("*"))
+    spoil(target)
+    before = _hashes(copy)
+    r = _script("generate.py", f"checkpoint={copy}", f"out_dir={tmp_path / 'gen'}", *_common(world))
+    line = _refused(r, needle)
+    assert str(target.relative_to(copy)).split("/")[-1] in line
+    assert _hashes(copy) == before
+
+
+def test_a_bad_format_and_a_contact_sheet_without_root_or_to_an_unwritable_path_are_one_line(world, tmp_path):
+    r = _script("inspect_dataset.py", "dataset=synthetic", f"dataset.root={world}", "dataset.resolution=64",
+                "format=xml")
+    _refused(r, "format must be 'table' or 'json', got 'xml'")
+    r = _script("contact_sheet.py", "product=bottle")
+    _refused(r, "root is required")
+    blocker = tmp_path / "a_file"      # a path under a file cannot be written, whoever runs the test (root too)
+    blocker.write_text("x")
+    r = _script("contact_sheet.py", f"root={world}", "product=bottle", f"out={blocker / 'sheet.png'}")
+    _refused(r, "cannot write the contact sheet", "sheet.png")
+    assert blocker.read_text() == "x"

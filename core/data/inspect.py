@@ -19,7 +19,7 @@ def format_counts(c: dict, fmt: str = "table") -> str:
     if fmt == "json":
         return json.dumps(c, indent=2)
     if fmt != "table":
-        raise ValueError(f"format must be 'table' or 'json', got '{fmt}'.")
+        raise ValueError(f"format must be 'table' or 'json', got '{fmt}'. Fix: format=table or format=json.")
     lines = []
     for product, splits in c.items():
         lines.append(f"{product}")

@@ -25,9 +25,9 @@ from pathlib import Path
 from typing import Any, Literal
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
-from ..io import replace_dir, write_json
+from ..io import read_run_json, read_run_safetensors, replace_dir, write_json
 from .loading import SDComponents, load_model
 
 SLIM_FILE = "slim.json"
@@ -125,8 +125,10 @@ def load_slim(path: str | Path, base_model: Any = None, device: torch.device | s
     from diffusers import UNet2DConditionModel
 
     path = Path(path)
-    meta = json.loads((path / SLIM_FILE).read_text())
-    if meta.get("format") != FORMAT:
+    fix = (f"restore {path} from a copy of the run, or train again into a new folder; the files of a slim checkpoint "
+           f"are written together and cannot be mixed with another run's.")
+    meta = read_run_json(path / SLIM_FILE, "the slim checkpoint's record", fix)
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
         raise ValueError(f"{path / SLIM_FILE} is not a slim checkpoint of this toolkit (format {meta.get('format')!r},"
                          f" expected {FORMAT!r}).")
     base_cfg = base_model if base_model is not None else meta["base"]["model"]
@@ -139,16 +141,31 @@ def load_slim(path: str | Path, base_model: Any = None, device: torch.device | s
         if tok.convert_tokens_to_ids(added) != list(range(vocab, vocab + len(added))):
             raise BaseModelMismatchError(f"The tokens of {path} did not get their recorded ids in the base tokenizer.")
         comp.text_encoder.resize_token_embeddings(len(tok))
-    emb = load_file(str(path / "text_embeddings.safetensors"))
+    emb_path = path / "text_embeddings.safetensors"
+    emb = read_run_safetensors(emb_path, "the fine-tuned text-embedding rows", fix)
     with torch.no_grad():
         table = comp.text_encoder.get_input_embeddings().weight
+        if set(emb) != {"ids", "rows"} or emb["rows"].ndim != 2 or emb["rows"].shape[1] != table.shape[1] \
+                or emb["ids"].shape[0] != emb["rows"].shape[0] \
+                or (emb["ids"].numel() and int(emb["ids"].max()) >= table.shape[0]):
+            raise ValueError(f"{emb_path} does not hold text-embedding rows of this base model (width "
+                             f"{table.shape[1]}, {table.shape[0]} tokens). Fix: {fix}")
         table[emb["ids"]] = emb["rows"].to(table.dtype)
     if meta["unet"] == "full":
-        comp.unet = UNet2DConditionModel.from_pretrained(path / "unet", local_files_only=True,
-                                                         torch_dtype=comp.unet.dtype)
+        try:
+            comp.unet = UNet2DConditionModel.from_pretrained(path / "unet", local_files_only=True,
+                                                             torch_dtype=comp.unet.dtype)
+        except (OSError, ValueError, RuntimeError, EnvironmentError) as e:
+            raise ValueError(f"Could not load the fine-tuned U-Net from {path / 'unet'} ({str(e)[:200]}). "
+                             f"Fix: {fix}") from None
     else:
-        diff = load_file(str(path / "unet" / "unet_diff.safetensors"))
-        state = {k: (v.float() + diff[k].float()).to(v.dtype) for k, v in comp.unet.state_dict().items()}
+        diff_path = path / "unet" / "unet_diff.safetensors"
+        diff = read_run_safetensors(diff_path, "the fine-tuned U-Net's difference to its base", fix)
+        base = comp.unet.state_dict()
+        if set(diff) != set(base) or any(diff[k].shape != v.shape for k, v in base.items()):
+            raise ValueError(f"{diff_path} does not hold a U-Net difference for this base model (other names or "
+                             f"shapes). Fix: {fix}")
+        state = {k: (v.float() + diff[k].float()).to(v.dtype) for k, v in base.items()}
         comp.unet.load_state_dict(state)
     comp.resolution = int(meta.get("resolution") or comp.resolution)
     comp.source = {"kind": "slim", "path": str(path), "base": meta["base"]}
