@@ -1,6 +1,7 @@
 """Shared behaviour of the entry scripts: a user error prints one actionable line on stderr and exits with code 2."""
 from __future__ import annotations
 
+import errno
 import sys
 from contextlib import contextmanager
 
@@ -12,10 +13,39 @@ USER_ERRORS = (DatasetError, ModelNotFoundError, UnknownMethodError, MethodNotIm
                FileExistsError, ValueError)
 
 
+# Failures of the file system that a user fixes (a read-only folder, a full disk, a name too long, a path through a
+# file): one line naming the path. Writes are atomic (core.io), so nothing half-written is left behind.
+_FS_FIXES = {
+    errno.EACCES: "choose a folder you can write to, or change its permissions",
+    errno.EPERM: "choose a folder you can write to, or change its permissions",
+    errno.EROFS: "the file system is read-only: choose a folder on a writable one",
+    errno.ENOSPC: "free space on that disk, or write to another one (a rerun resumes where this one stopped)",
+    errno.EDQUOT: "free space within your quota, or write elsewhere (a rerun resumes where this one stopped)",
+    errno.ENAMETOOLONG: "use a shorter path (each folder or file name at most 255 bytes)",
+    errno.ENOTDIR: "a part of the path is a file, not a folder: choose another path",
+    errno.EISDIR: "the path is a folder where a file was expected: choose another path",
+}
+
+
+def file_system_error(e: OSError) -> str | None:
+    """The one-line message for an OSError a user can fix (see ``_FS_FIXES``), or None for any other."""
+    fix = _FS_FIXES.get(e.errno)
+    if fix is None:
+        return None
+    where = e.filename if e.filename is not None else "a file"
+    return f"cannot write or read {where}: {e.strerror or e}. Fix: {fix}."
+
+
 @contextmanager
 def exit_on_user_error():
     try:
         yield
     except USER_ERRORS as e:
         print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    except OSError as e:
+        message = file_system_error(e)
+        if message is None:
+            raise
+        print(f"error: {message}", file=sys.stderr)
         sys.exit(2)

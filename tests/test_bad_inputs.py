@@ -359,3 +359,27 @@ def test_a_bad_format_and_a_contact_sheet_without_root_or_to_an_unwritable_path_
     r = _script("contact_sheet.py", f"root={world}", "product=bottle", f"out={blocker / 'sheet.png'}")
     _refused(r, "cannot write the contact sheet", "sheet.png")
     assert blocker.read_text() == "x"
+
+
+def test_a_name_too_long_is_one_line_and_file_system_errors_map_to_a_fix(world, tmp_path):
+    """A path the file system refuses ends in one line naming it: an over-long name through the real script; a
+    read-only folder, a full disk and a path through a file through the mapping (root, which runs CI, ignores
+    permissions, and a full disk cannot be made in a test)."""
+    import errno
+    from core.cli import exit_on_user_error, file_system_error
+    long_root = tmp_path / ("x" * 300)
+    r = _script("inspect_dataset.py", f"dataset.root={long_root}")
+    _refused(r, "File name too long", "use a shorter path")
+    cases = {errno.EROFS: "read-only", errno.ENOSPC: "free space", errno.EACCES: "permissions",
+             errno.ENOTDIR: "is a file, not a folder"}
+    for code, needle in cases.items():
+        msg = file_system_error(OSError(code, os.strerror(code), "/some/where/0001.png"))
+        assert "/some/where/0001.png" in msg and needle in msg and "Fix: " in msg, msg
+    assert file_system_error(OSError(errno.ECONNRESET, "reset")) is None   # not the user's to fix: re-raised
+    with pytest.raises(SystemExit) as e:
+        with exit_on_user_error():
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), "/full/disk/file")
+    assert e.value.code == 2
+    with pytest.raises(ConnectionResetError):
+        with exit_on_user_error():
+            raise ConnectionResetError(errno.ECONNRESET, "reset")
