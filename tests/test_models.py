@@ -133,3 +133,14 @@ def test_mini_v1_stays_loadable_by_name_for_comparison():
     assert not torch.equal(v1.unet.conv_in.weight, v2.unet.conv_in.weight)
     with pytest.raises(ValueError, match="Unknown mini prior version 7"):
         load_model({"kind": "mini", "version": 7})
+
+
+@pytest.mark.parametrize("part", ["unet/diffusion_pytorch_model.safetensors", "text_encoder/model.safetensors",
+                                  "vae/diffusion_pytorch_model.safetensors"])
+def test_a_truncated_weight_file_is_one_error_naming_the_model(tmp_path, part):
+    """A weight file cut short (a copy interrupted) is a ModelNotFoundError naming the folder, not a library traceback."""
+    build_random("tiny", seed=0).save(tmp_path / "m")
+    f = tmp_path / "m" / part
+    f.write_bytes(f.read_bytes()[: f.stat().st_size // 3])
+    with pytest.raises(ModelNotFoundError, match=f"Could not load .* from '{tmp_path / 'm'}'"):
+        load_model({"kind": "diffusers", "path": str(tmp_path / "m")})

@@ -21,6 +21,7 @@ from typing import Any, Sequence
 
 import torch
 from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+from safetensors import SafetensorError
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
 from ..io import replace_dir, write_json
@@ -180,8 +181,9 @@ def load_diffusers_dir(path: str | Path, what: str = "Stable Diffusion model", k
         text_encoder = CLIPTextModel.from_pretrained(path / "text_encoder", **({"dtype": dtype} if dtype else {}),
                                                      local_files_only=True)
         tokenizer = CLIPTokenizer.from_pretrained(path / "tokenizer", local_files_only=True)
-    except (OSError, ValueError, EnvironmentError) as e:
-        raise ModelNotFoundError(f"Could not load {what} from '{path}': {e}. Expected {SD_LAYOUT} with weight "
+    except (OSError, ValueError, EnvironmentError, RuntimeError, SafetensorError) as e:   # truncated or foreign files
+        detail = " ".join(str(e).split())[:300]
+        raise ModelNotFoundError(f"Could not load {what} from '{path}': {detail}. Expected {SD_LAYOUT} with weight "
                                  f"files (*.safetensors or *.bin) beside each config.json; set {key}.") from e
     if dtype is None:  # weights stored in float16 (the mini prior) compute in float32 unless asked otherwise
         unet.float(), vae.float(), text_encoder.float()
