@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import errno
+import os
 import sys
 from contextlib import contextmanager
 
@@ -49,3 +50,40 @@ def exit_on_user_error():
             raise
         print(f"error: {message}", file=sys.stderr)
         sys.exit(2)
+
+
+PATH_KEYS = ("hydra.run.dir", "hydra.sweep.dir", "out_dir")
+
+
+def path_problem(path: str) -> OSError | None:
+    """Why ``path`` could not be created as a folder, without creating anything: a name over 255 bytes, a part of it
+    that is a file, or a nearest existing folder that cannot be written. None when it looks writable."""
+    p = os.path.abspath(os.path.expanduser(path))
+    for part in p.split(os.sep):
+        if len(part.encode()) > 255:
+            return OSError(errno.ENAMETOOLONG, os.strerror(errno.ENAMETOOLONG), path)
+    probe = p
+    while not os.path.exists(probe):
+        parent = os.path.dirname(probe)
+        if parent == probe:
+            break
+        probe = parent
+    if os.path.exists(probe) and not os.path.isdir(probe):
+        return OSError(errno.ENOTDIR, os.strerror(errno.ENOTDIR), path)
+    if os.path.isdir(probe) and not os.access(probe, os.W_OK | os.X_OK) and probe != p:
+        return OSError(errno.EACCES, os.strerror(errno.EACCES), probe)
+    return None
+
+
+def check_path_overrides(argv: list[str]) -> None:
+    """Before Hydra starts: an output folder given on the command line (``hydra.run.dir=``, ``out_dir=``) that the
+    file system would refuse is one line and exit 2, not the traceback of Hydra creating its run directory."""
+    for arg in argv:
+        key, eq, value = arg.lstrip("+~").partition("=")
+        value = value.strip().strip("'\"")
+        if not eq or key not in PATH_KEYS or not value or "${" in value:
+            continue
+        problem = path_problem(value)
+        if problem is not None:
+            print(f"error: {key}={value}: {file_system_error(problem)}", file=sys.stderr)
+            sys.exit(2)

@@ -1,11 +1,12 @@
 """python scripts/eval_generation.py ... (see configs/eval_generation.yaml). ``--cfg job`` prints the composed config."""
+import sys
 from pathlib import Path
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
-from core.cli import exit_on_user_error
+from core.cli import check_path_overrides, exit_on_user_error
 from segmentation.protocols import eval_generation
 
 
@@ -16,4 +17,5 @@ def main(cfg: DictConfig) -> None:
 
 
 if __name__ == "__main__":
+    check_path_overrides(sys.argv[1:])   # before Hydra creates its run directory
     main()

@@ -2,13 +2,14 @@
 
 Writes an MVTec-layout tree and manifest.jsonl; a rerun resumes. ``--cfg job`` prints the composed config.
 """
+import sys
 from pathlib import Path
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
-from core.cli import exit_on_user_error
+from core.cli import check_path_overrides, exit_on_user_error
 from core.data import DatasetError
 from core.runs import generate
 
@@ -24,4 +25,5 @@ def main(cfg: DictConfig) -> None:
 
 
 if __name__ == "__main__":
+    check_path_overrides(sys.argv[1:])   # before Hydra creates its run directory
     main()

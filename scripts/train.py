@@ -10,7 +10,7 @@ import hydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
-from core.cli import exit_on_user_error
+from core.cli import check_path_overrides, exit_on_user_error
 from core.runs import train
 
 
@@ -23,4 +23,5 @@ def main(cfg: DictConfig) -> None:
 
 
 if __name__ == "__main__":
+    check_path_overrides(sys.argv[1:])   # before Hydra creates its run directory
     main()

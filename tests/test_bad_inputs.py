@@ -383,3 +383,18 @@ def test_a_name_too_long_is_one_line_and_file_system_errors_map_to_a_fix(world, 
     with pytest.raises(ConnectionResetError):
         with exit_on_user_error():
             raise ConnectionResetError(errno.ECONNRESET, "reset")
+
+
+def test_an_output_folder_the_file_system_refuses_is_one_line_before_hydra_creates_it(world, run, tmp_path):
+    """hydra.run.dir= / out_dir= with a name over 255 bytes or through a file: one line and exit 2 (Hydra printed the
+    traceback of its own mkdir before), and nothing is created."""
+    too_long = tmp_path / ("x" * 300) / "run"
+    r = _script("train.py", "method=seas", *_common(world), "product=bottle", f"hydra.run.dir={too_long}")
+    _refused(r, "hydra.run.dir=", "File name too long", "use a shorter path")
+    blocker = tmp_path / "a_file"
+    blocker.write_text("x")
+    r = _script("generate.py", f"checkpoint={run}", f"out_dir={blocker / 'gen'}", *_common(world))
+    _refused(r, "out_dir=", "Not a directory", "is a file, not a folder")
+    r = _script("eval_downstream.py", *_common(world), f"hydra.run.dir='{blocker / 'eval'}'")
+    _refused(r, "Not a directory")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a_file"] and blocker.read_text() == "x"
