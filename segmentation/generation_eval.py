@@ -112,8 +112,9 @@ def eval_generation(cfg: DictConfig, run_dir: Path, extractor=None, lpips_model=
     generated = load_generated(gen_root, products, types,
                                need_anomalies=any(m not in ("kid", "fid") for m in wanted),
                                need_normals=bool({"kid", "fid"} & set(wanted)))
-    check_no_test_leak(generated, table, gen_root, what="the dataset's real images",
-                       harm="the metrics would compare real images with themselves")
+    # test images only: copies of the real training normals are the metrics' own sanity check (FID, KID ~0)
+    check_no_test_leak(generated, split.test, gen_root, what="the dataset's test images",
+                       harm="a folder holding them is the benchmark, not generated data")
     from core.runs import check_common, check_run_identity, save_config
     from .protocols import data_identity
     check_common(cfg)

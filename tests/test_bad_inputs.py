@@ -286,7 +286,7 @@ def test_the_benchmark_or_its_test_images_as_generated_data_are_refused(world, t
     assert _hashes(world) == before and not (out.exists() and any(out.iterdir()))   # nothing written
     r = _script("eval_generation.py", f"dataset.root={world}", "dataset.resolution=64", f"generated={world}",
                 "products=[bottle]", f"hydra.run.dir={tmp_path / 'gen_eval'}")
-    _refused(r, "identical to the dataset's real images")
+    _refused(r, "identical to the dataset's test images")
     # a generated-looking folder with one test image copied in under another name
     table = load_dataset("synthetic", world, resolution=64)
     test = apply_split(table, "one_third").test
