@@ -430,22 +430,22 @@ def eval_downstream(cfg: DictConfig, run_dir: Path) -> Path:
     arms = resolve_arms(cfg)
     size = resolve_image_size(cfg, table)
     types = {p: anomaly_types([s for s in table if s.product == p]) for p in products}
+    splits = {}
+    for fold in cfg.protocol.folds:
+        split_node = dict(cfg.protocol.split)
+        splits[fold] = apply_split(table, split_node.pop("name"), fold=int(fold), **split_node)
     generated = None
     if "generated" in arms:
         generated = load_generated(cfg.generated, products, types,
                                    need_anomalies=True)
-        for fold in cfg.protocol.folds:   # before anything is written: no test image of any fold may be trained on
-            split_node = dict(cfg.protocol.split)
-            test = apply_split(table, split_node.pop("name"), fold=int(fold), **split_node).test
-            check_no_test_leak(generated, [s for s in test if s.product in products], cfg.generated)
+        for split in splits.values():   # before anything is written: no test image of any fold may be trained on
+            check_no_test_leak(generated, [s for s in split.test if s.product in products], cfg.generated)
     # a rerun reuses finished units' results: only when the config and the images they were computed on are the same
     check_run_identity(run_dir, cfg, data_identity(cfg, table, generated), what="downstream evaluation")
     save_config(cfg, run_dir)
     records: list[dict] = []
     units = [list(products)] if cfg.protocol.unified else [[p] for p in products]
-    for fold in cfg.protocol.folds:
-        split_node = dict(cfg.protocol.split)
-        split = apply_split(table, split_node.pop("name"), fold=int(fold), **split_node)
+    for fold, split in splits.items():
         for arm in arms:
             for unit in units:
                 tag = f"{arm}_fold{fold}_{'all' if len(unit) > 1 else unit[0]}"

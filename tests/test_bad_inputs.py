@@ -328,6 +328,7 @@ CORRUPTIONS = [   # (file of the run, how it is spoiled, what the one error line
     ("generator/text_embeddings.safetensors", _truncate, "text_embeddings.safetensors is not a readable"),
     ("generator/text_embeddings.safetensors", _other_network, "does not hold text-embedding rows of this base"),
     ("generator/slim.json", lambda p: p.write_text("{"), "slim.json is not valid JSON"),
+    ("generator/slim.json", lambda p: p.write_text("[1, 2]"), "is not a slim checkpoint of this toolkit"),
     ("identity.json", lambda p: p.write_text("[]"), "identity.json holds no identity hash"),
 ]
 

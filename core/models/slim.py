@@ -128,9 +128,10 @@ def load_slim(path: str | Path, base_model: Any = None, device: torch.device | s
     fix = (f"restore {path} from a copy of the run, or train again into a new folder; the files of a slim checkpoint "
            f"are written together and cannot be mixed with another run's.")
     meta = read_run_json(path / SLIM_FILE, "the slim checkpoint's record", fix)
-    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
-        raise ValueError(f"{path / SLIM_FILE} is not a slim checkpoint of this toolkit (format {meta.get('format')!r},"
-                         f" expected {FORMAT!r}).")
+    found = meta.get("format") if isinstance(meta, dict) else f"a JSON {type(meta).__name__}"
+    if found != FORMAT:
+        raise ValueError(f"{path / SLIM_FILE} is not a slim checkpoint of this toolkit (format {found!r}, expected "
+                         f"{FORMAT!r}). Fix: {fix}")
     base_cfg = base_model if base_model is not None else meta["base"]["model"]
     comp = load_base(base_cfg, meta["base"]["sha256"], what=str(path))
     tok, vocab, added = comp.tokenizer, int(meta["base"]["vocab_size"]), list(meta["added_tokens"])
