@@ -152,12 +152,14 @@ def img2img_start(scheduler, z0: torch.Tensor, num_inference_steps: int, noise: 
 
 
 def sample(eps_fn: EpsFn, scheduler, latents: torch.Tensor, timesteps: Sequence | torch.Tensor | None = None,
-           callback: StepCallback | None = None, step_kwargs: dict | None = None, progress: bool = True,
-           desc: str = "sampling") -> torch.Tensor:
+           callback: StepCallback | None = None, step_kwargs: dict | Callable[[int], dict] | None = None,
+           progress: bool = True, desc: str = "sampling") -> torch.Tensor:
     """Run ``scheduler`` from ``latents`` over ``timesteps`` (default: ``scheduler.timesteps``).
 
     ``callback(Step)`` runs before each denoiser call and may return replacement latents (blending with a noised
-    normal image, latent optimisation, recording intermediates). Returns the final z_0 estimate.
+    normal image, latent optimisation, recording intermediates). ``step_kwargs``: extra arguments of
+    ``scheduler.step`` (e.g. ``eta``), or a function of the step index giving them (e.g. per-item ``variance_noise``,
+    so that a stochastic sampler's result does not depend on how items are batched). Returns the final z_0 estimate.
     """
     timesteps = scheduler.timesteps if timesteps is None else timesteps
     z, prev_eps, prev_x0 = latents, None, None
@@ -168,7 +170,8 @@ def sample(eps_fn: EpsFn, scheduler, latents: torch.Tensor, timesteps: Sequence 
             if new is not None:
                 z = new
         eps = eps_fn(z, t)
-        out = scheduler.step(eps, t, z, **(step_kwargs or {}))
+        kwargs = step_kwargs(i) if callable(step_kwargs) else (step_kwargs or {})
+        out = scheduler.step(eps, t, z, **kwargs)
         prev_eps, prev_x0 = eps, getattr(out, "pred_original_sample", None)
         z = out.prev_sample
     return z
