@@ -224,6 +224,9 @@ def test_blending_keeps_the_latent_outside_the_mask_on_the_noised_normal_at_ever
         images, cb = M.blended_generate(tiny, _cond(tiny, 2), None, normals, masks, gens, steps=4, aar=aar,
                                         columns=[5, 6], record=True)
     assert images.shape == (2, 3, 64, 64) and len(cb.blended) == 4
+    if aar != "none":   # the paper re-weights the attention maps of e's columns, the official code their logits (+ col 0)
+        assert cb.edit.on == {"paper": "probs", "official": "logits"}[aar]
+        assert sorted(cb.edit.tokens) == ([0, 5, 6] if aar == "official" else [5, 6])
     with torch.no_grad():
         z_y = tiny.encode_images(normals)
     sched = M.ddim(tiny)
