@@ -207,7 +207,9 @@ class EmbeddingPrompt:
         if len(word) != 1:
             raise ValueError(f"The placeholder word '{placeholder_word}' must be one token of the tokenizer "
                              f"({len(word)} tokens).")
-        bos, eos = tokenizer.bos_token_id, tokenizer.eos_token_id
+        # CLIP: <|startoftext|> ... <|endoftext|>; BERT (the LDM text encoder): [CLS] ... [SEP], padded with [PAD]
+        bos = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.cls_token_id
+        eos = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else tokenizer.sep_token_id
         pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos
         pre, post = enc(before), enc(after)
         ids = [bos, *pre, *(word * n_vectors), *post, eos]

@@ -354,8 +354,8 @@ def test_the_batch_is_a_function_of_the_step_and_draws_every_key():
     assert 0.35 < keys.count("b/y") / len(keys) < 0.65      # keys drawn uniformly, not images (1 of 4 images)
 
 
-def _train_cfg(world, **extra):
-    ov = ["method=anomalydiffusion", "model=tiny", f"dataset.root={world}", "dataset.resolution=64", "product=bottle",
+def _train_cfg(world, model="tiny", **extra):
+    ov = ["method=anomalydiffusion", f"model={model}", f"dataset.root={world}", "dataset.resolution=64", "product=bottle",
           "method.model.backbone=resnet18", "method.model.fpn_channels=32", "method.train.steps=4",
           "method.train.checkpoint_every=2", "method.masks.steps=3", "method.masks.checkpoint_every=2",
           "method.model.anomaly_tokens=2", "method.model.spatial_tokens=2", "method.masks.tokens=2"]
@@ -465,3 +465,54 @@ def test_bad_inputs_say_what_to_do(bottle_world, tmp_path, monkeypatch):
         M.train(sd, tmp_path / "sd")
     with pytest.raises(ValueError, match="stages may hold"):
         M.train(_train_cfg(bottle_world, **{"method.train.stages": "[rmp]"}), tmp_path / "x")
+
+
+# ------------------------------------------------------------------------------------------------ the LDM base
+def _tiny_ldm_dir(root: Path) -> Path:
+    """A random LDMTextToImagePipeline layout at the tiny architecture's sizes (BERT tokenizer, LDMBert encoder)."""
+    from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
+    from diffusers.pipelines.latent_diffusion.pipeline_latent_diffusion import LDMBertConfig, LDMBertModel
+    from transformers import BertTokenizer
+
+    from core.models import SD_V1_SCHEDULE, architecture
+    spec = architecture("tiny")
+    torch.manual_seed(0)
+    words = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "a", "photo", "of", "*", "defect", "bottle", "with"]
+    (root / "tokenizer").mkdir(parents=True)
+    (root / "tokenizer" / "vocab.txt").write_text("\n".join(words))
+    BertTokenizer(str(root / "tokenizer" / "vocab.txt")).save_pretrained(root / "tokenizer")
+    LDMBertModel(LDMBertConfig(vocab_size=len(words), max_position_embeddings=24, encoder_layers=1,
+                               encoder_ffn_dim=32, encoder_attention_heads=2, head_dim=8, d_model=16)
+                 ).save_pretrained(root / "bert")
+    UNet2DConditionModel(**spec["unet"]).save_pretrained(root / "unet")
+    AutoencoderKL(**spec["vae"]).save_pretrained(root / "vqvae")
+    DDIMScheduler.from_config(SD_V1_SCHEDULE).save_pretrained(root / "scheduler")
+    return root
+
+
+def test_the_official_ldm_base_loads_trains_and_generates(tmp_path, bottle_world):
+    from core.models import ModelNotFoundError, load_model
+    with pytest.raises(ModelNotFoundError, match="LDMTextToImagePipeline.*model.path"):
+        load_model({"kind": "ldm", "path": str(tmp_path / "nowhere")})
+    comp = load_model({"kind": "ldm", "path": str(_tiny_ldm_dir(tmp_path / "ldm"))})
+    assert type(comp.text_encoder).__name__ == "LDMBertModel" and comp.tokenizer.model_max_length == 24
+    p = EmbeddingPrompt(comp.tokenizer, "a photo of a *", 6, "*")
+    ids = p.ids(1)[0].tolist()
+    assert ids[0] == comp.tokenizer.cls_token_id and ids[p.span.stop] == comp.tokenizer.sep_token_id
+    assert ids[p.span.stop + 1] == comp.tokenizer.pad_token_id
+    cfg = _train_cfg(bottle_world, "ldm", **{"model.path": str(tmp_path / "ldm"), "model.resolution": 64,
+                                             "method.train.steps": 2})
+    by_key = M.training_anomalies(cfg, ["bottle"])
+    bank = M.PairBank.load(by_key, comp.resolution)
+    before = M.word_embedding(comp, "defect")
+    M.train_embeddings(cfg, tmp_path / "run", comp, bank)
+    from safetensors.torch import load_file
+    w = load_file(tmp_path / "run" / "embeddings.safetensors")["weight"]
+    assert w.shape[-1] == 16 and not torch.equal(w[0, 0], before)
+    normals, masks = _normals_and_masks()
+    with torch.no_grad():
+        cond = p.encode(comp.text_encoder, torch.randn(2, 6, 16))
+        images, _ = M.blended_generate(comp, cond, None, normals, masks,
+                                       [M.item_generator(0, "k", i) for i in range(2)], steps=2, aar="official",
+                                       columns=p.columns())
+    assert images.shape == (2, 3, 64, 64) and torch.isfinite(images).all()

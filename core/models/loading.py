@@ -197,6 +197,47 @@ def load_diffusers_dir(path: str | Path, what: str = "Stable Diffusion model", k
                         source={"kind": "diffusers", "path": str(path), **meta.get("source", {})})
 
 
+LDM_LAYOUT = "a diffusers LDMTextToImagePipeline directory: vqvae/, bert/, tokenizer/, unet/, scheduler/"
+
+
+def load_ldm_dir(path: str | Path, key: str = "model.path", download: str = "CompVis/ldm-text2im-large-256",
+                 dtype: torch.dtype | None = None, resolution: int | None = None) -> SDComponents:
+    """The LDM text-to-image model (CompVis' text2img-f8-large, AnomalyDiffusion's official base) from a local diffusers
+    ``LDMTextToImagePipeline`` directory: its KL autoencoder, its BERT-style ``LDMBertModel`` text encoder (1280 wide)
+    and BERT tokenizer (padded to the encoder's 77 positions), its U-Net and schedule. The components take the places
+    of SD's, so every method that reads ``SDComponents`` runs on it."""
+    from diffusers.pipelines.latent_diffusion.pipeline_latent_diffusion import LDMBertModel
+    from transformers import AutoTokenizer
+
+    path = Path(path).expanduser()
+    missing = [c for c in ("vqvae", "bert", "tokenizer", "unet") if not (path / c).is_dir()]
+    if not path.is_dir() or missing:
+        raise ModelNotFoundError(
+            f"LDM text-to-image model not found at '{path}'" + (f" (missing {', '.join(missing)})" if path.is_dir()
+                                                                 else "") +
+            f". Expected {LDM_LAYOUT}. Download {download} on a machine with internet access, copy it here and set "
+            f"{key}=<that directory>.")
+    kw = {"torch_dtype": dtype} if dtype is not None else {}
+    try:
+        unet = UNet2DConditionModel.from_pretrained(path / "unet", local_files_only=True, **kw)
+        vae = AutoencoderKL.from_pretrained(path / "vqvae", local_files_only=True, **kw)
+        bert = LDMBertModel.from_pretrained(path / "bert", local_files_only=True, **({"dtype": dtype} if dtype else {}))
+        tokenizer = AutoTokenizer.from_pretrained(path / "tokenizer", local_files_only=True)
+    except (OSError, ValueError, EnvironmentError, RuntimeError, SafetensorError) as e:
+        detail = " ".join(str(e).split())[:300]
+        raise ModelNotFoundError(f"Could not load the LDM model from '{path}': {detail}. Expected {LDM_LAYOUT} with "
+                                 f"weight files beside each config.json; set {key}.") from e
+    if dtype is None:
+        unet.float(), vae.float(), bert.float()
+    tokenizer.model_max_length = int(bert.config.max_position_embeddings)   # the LDM code pads to 77
+    sched_dir = path / "scheduler"
+    config = DDPMScheduler.load_config(sched_dir) if (sched_dir / "scheduler_config.json").is_file() else SD_V1_SCHEDULE
+    if resolution is None:
+        resolution = unet.config.sample_size * 2 ** (len(vae.config.block_out_channels) - 1)
+    return SDComponents(unet, vae, bert, tokenizer, DDPMScheduler.from_config(config), int(resolution),
+                        source={"kind": "ldm", "path": str(path)})
+
+
 def load_single_file(checkpoint: str | Path, config_dir: str | Path, download: str = "the checkpoint",
                      dtype: torch.dtype | None = None, resolution: int | None = None) -> SDComponents:
     """An original single-file SD checkpoint (``.ckpt`` / ``.safetensors``), with component configs from a local
@@ -263,7 +304,13 @@ def load_model(cfg: Any) -> SDComponents:
                 f"Single-file model '{get('name', kind)}' needs model.path=<.ckpt/.safetensors file> and "
                 f"model.config_dir=<local diffusers config directory>. Download {get('download', 'the checkpoint')}.")
         return load_single_file(get("path"), get("config_dir"), get("download", "the checkpoint"), dtype, resolution)
-    raise ValueError(f"Unknown model.kind '{kind}'. Use one of: tiny, mini, diffusers, single_file.")
+    if kind == "ldm":
+        if not get("path", None):
+            raise ModelNotFoundError(
+                f"model.path is not set for model '{get('name', kind)}'. Download {get('download', 'the model')} "
+                f"({LDM_LAYOUT}) and run with model.path=<directory>.")
+        return load_ldm_dir(get("path"), "model.path", get("download", "the model"), dtype, resolution)
+    raise ValueError(f"Unknown model.kind '{kind}'. Use one of: tiny, mini, diffusers, single_file, ldm.")
 
 
 def _dtype(name: str | None) -> torch.dtype | None:
