@@ -9,6 +9,9 @@
   subset size shrinks to min(n_real, n_fake) (reported).
 - FID(a) (synthetic world only): the generated anomalies against as many extra *real* anomalies of the same types
   from the world's oracle stream (never the test images).
+- Alignment (methods that edit a real normal image and record it as ``source`` in the manifest): of the pixels that
+  changed from the source (largest channel difference > 0.1), the share inside the generated mask, averaged over
+  the product's anomalies (AnomalyDiffusion Sec. 3.3's "accurately aligned"; 1 = edits only inside the mask).
 - CLIP score: 100 * max(cos, 0) between each generated anomaly and the text "a photo of a <product> with <defect>"
   (Hessel et al. 2021, CLIPScore, arXiv 2104.08718, with torchmetrics' scale), averaged.
 
@@ -31,15 +34,15 @@ from omegaconf import DictConfig
 from core.data import DatasetError, apply_split, load_from_config
 from core.data.mvtec_ad import find_products
 from core.metrics.generation import (ICLPIPSVariant, extract, fid, ic_lpips, inception_score_from_logits, kid,
-                                     lpips_distance)
+                                     lpips_distance, mask_alignment)
 
 from . import tables
 from .data import ImagePool, check_no_test_leak, load_generated
 
 COLUMNS = {"is": "IS", "ic_lpips": "IC-LPIPS", "ic_lpips_anomaly": "IC-LPIPS(a)", "kid": "KID", "fid": "FID",
-           "fid_anomaly": "FID(a)", "clip_score": "CLIP score"}
-DEFAULT_METRICS = {"world_clip": ["is", "fid", "kid", "fid_anomaly", "clip_score"],
-                   "inception": ["is", "ic_lpips", "ic_lpips_anomaly", "kid"]}
+           "fid_anomaly": "FID(a)", "clip_score": "CLIP score", "alignment": "Alignment"}
+DEFAULT_METRICS = {"world_clip": ["is", "fid", "kid", "fid_anomaly", "clip_score", "alignment"],
+                   "inception": ["is", "ic_lpips", "ic_lpips_anomaly", "kid", "alignment"]}
 
 
 def metric_settings(cfg: DictConfig) -> tuple[list[str], str]:
@@ -174,6 +177,10 @@ def eval_generation(cfg: DictConfig, run_dir: Path, extractor=None, lpips_model=
             size = _native(ref)
             row["fid_anomaly"] = fid(extract(extractor, _images(ref, size)[0])[0],
                                      extract(extractor, _images(gen_anom, size)[0])[0])
+        if "alignment" in wanted:
+            row["alignment"] = _alignment(gen_root, gen_anom)
+            if row["alignment"] is None:
+                notes.append(f"{p}: no alignment (the manifest records no source normal image for its anomalies).")
         if "clip_score" in wanted:
             from core.models.world_clip import state_prompt
             x, _ = _images(gen_anom)
@@ -181,7 +188,8 @@ def eval_generation(cfg: DictConfig, run_dir: Path, extractor=None, lpips_model=
     avg = {m: float(np.mean([results[p][m] for p in products if results[p].get(m) is not None]))
            for m in wanted if any(results[p].get(m) is not None for p in products)}
     header = ["Category"] + [COLUMNS[m] for m in wanted]
-    fmt = lambda m, v: "-" if v is None else (f"{v:.4f}" if m in ("kid", "fid", "fid_anomaly") else f"{v:.2f}")  # noqa: E731
+    digits = {"kid": 4, "fid": 4, "fid_anomaly": 4, "alignment": 3}
+    fmt = lambda m, v: "-" if v is None else f"{v:.{digits.get(m, 2)}f}"  # noqa: E731
     rows = [[p] + [fmt(m, results[p].get(m)) for m in wanted] for p in products]
     rows.append([tables.AVERAGE] + [fmt(m, avg.get(m)) for m in wanted])
     for label, per in tables.load_paper("seas_tab1", cfg.dataset.name, percent=False).items():
@@ -198,6 +206,31 @@ def eval_generation(cfg: DictConfig, run_dir: Path, extractor=None, lpips_model=
     path = tables.write_text(run_dir / "generation.md", text)
     print(text)
     return path
+
+
+def _alignment(gen_root: Path, anomalies) -> float | None:
+    """Mean :func:`core.metrics.generation.mask_alignment` of the anomalies whose manifest record names a source
+    image that exists (resized to the generated image's size); None when none does."""
+    from core.data import read_image
+    from core.data.torch_dataset import to_tensor
+    from core.export import read_manifest
+
+    sources = {str((gen_root / r["image"]).resolve()): r.get("source") for r in read_manifest(gen_root)
+               if r.get("kind") == "anomaly"}
+    values = []
+    for s in anomalies:
+        src = sources.get(str(Path(s.path).resolve()))
+        if not src or not Path(src).is_file():
+            continue
+        x, m = _images([s])
+        y = to_tensor(read_image(src))[None]
+        if y.shape[-2:] != x.shape[-2:]:
+            y = torch.nn.functional.interpolate(y, size=x.shape[-2:], mode="bilinear", antialias=True,
+                                                align_corners=False)
+        a = float(mask_alignment(x, y, m)[0])
+        if a == a:
+            values.append(a)
+    return float(np.mean(values)) if values else None
 
 
 def _oracle_anomalies(cfg: DictConfig, product: str, generated) -> list:

@@ -391,7 +391,8 @@ def test_eval_generation_writes_a_per_product_table(world, tmp_path):
                                  "ic_lpips_variant.resize=null", "metrics.extractor=inception"])
     md = eval_generation(cfg, tmp_path, extractor=_TinyInception(), lpips_model=_L1()).read_text()
     lines = [line for line in md.splitlines() if line.startswith("| ")]
-    assert lines[0] == "| Category | IS | IC-LPIPS | IC-LPIPS(a) | KID |"
+    assert lines[0] == "| Category | IS | IC-LPIPS | IC-LPIPS(a) | KID | Alignment |"
+    assert lines[1].endswith(" - |") and "records no source normal image" in md   # the fake manifest names none
     assert [line.split(" | ")[0][2:] for line in lines[1:]] == ["bottle", "pill", "Average"]
     cells = lines[1].split(" | ")
     assert float(cells[1]) >= 1.0  # IS is at least 1
@@ -423,6 +424,13 @@ def test_eval_generation_on_the_synthetic_world_uses_the_world_clip(world, tmp_p
     arch = {"image_size": 64, "patch_size": 16, "max_length": 24, "projection_dim": 8,
             "vision": {"hidden_size": 16, "intermediate_size": 32, "num_hidden_layers": 1, "num_attention_heads": 2},
             "text": {"hidden_size": 16, "intermediate_size": 32, "num_hidden_layers": 1, "num_attention_heads": 2}}
+    # the manifest names each anomaly's source normal image (as generators that edit a real image do): alignment
+    records = []
+    for p in PRODUCTS:
+        src = sorted((w / p / "train" / "good").glob("*.png"))[0]
+        for img in sorted((copy / p / "test").rglob("*.png")):
+            records.append({"kind": "anomaly", "product": p, "image": str(img.relative_to(copy)), "source": str(src)})
+    (copy / "manifest.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
     model, tok = build_world_clip(arch)
     clip = ClipEncoder(model.eval(), tok, 64)
     with initialize_config_dir(config_dir=CONFIGS, version_base="1.3"):
@@ -431,11 +439,27 @@ def test_eval_generation_on_the_synthetic_world_uses_the_world_clip(world, tmp_p
     md = eval_generation(cfg, tmp_path / "run", clip=clip).read_text()
     assert "world-CLIP" in md
     lines = [line for line in md.splitlines() if line.startswith("| ")]
-    assert lines[0] == "| Category | IS | FID | KID | FID(a) | CLIP score |"
+    assert lines[0] == "| Category | IS | FID | KID | FID(a) | CLIP score | Alignment |"
     for line in lines[1:3]:
         cells = [float(c) for c in line.strip("| ").split(" | ")[1:]]
         assert cells[0] >= 1.0 and abs(cells[1]) < 1e-3 and abs(cells[2]) < 1e-3  # identical normals: FID, KID ~0
         assert cells[3] > 1e-3 and 0 <= cells[4] <= 100  # FID(a): other real defects, not the same images
+        assert 0 <= cells[5] <= 1   # another render than the source: some change falls outside the mask
+
+
+def test_mask_alignment_is_the_share_of_changed_pixels_inside_the_mask():
+    from core.metrics.generation import mask_alignment
+    src = torch.zeros(3, 3, 4, 5)
+    gen = src.clone()
+    m = torch.zeros(3, 1, 4, 5)
+    m[:, :, :2, :2] = 1
+    gen[0, 1, :2, :2] = 0.5                      # 4 changed pixels, all inside: 1
+    gen[1, 0, :2, :2] = 0.5
+    gen[1, 2, 3, :] = 0.5                        # + 5 outside: 4 / 9
+    gen[1, 2, 3, 0] = 0.05                       # below the threshold: not a change -> 4 / 8
+    a = mask_alignment(gen, src, m)
+    assert a[0] == 1.0 and a[1] == pytest.approx(4 / 8) and torch.isnan(a[2])   # item 2: nothing changed
+    assert mask_alignment(gen, src, m[:, 0])[1] == a[1]
 
 
 def test_clip_score_is_100_times_the_clipped_cosine():

@@ -207,3 +207,16 @@ def ic_lpips_with_model(generated, targets, variant: ICLPIPSVariant = ICLPIPSVar
         return ic_lpips(generated, targets, dist, variant)
     return ic_lpips_anomaly(generated, masks[0], targets, masks[1], dist, variant)
 
+
+
+def mask_alignment(generated: torch.Tensor, source: torch.Tensor, masks: torch.Tensor, threshold: float = 0.1
+                   ) -> torch.Tensor:
+    """How well a generated anomaly stays inside its mask: of the pixels that changed from the normal image it was made
+    from (largest channel difference > ``threshold`` on [0, 1]), the share inside the mask. ``generated`` and ``source``:
+    (B, 3, H, W) in [0, 1]; ``masks``: (B, 1 or none, H, W). Returns (B,); NaN where nothing changed. A generator that
+    edits only inside the mask scores 1; one that repaints the whole image scores about the mask's area fraction."""
+    changed = (generated.float() - source.float()).abs().amax(1) > threshold          # (B, H, W)
+    m = masks.reshape(changed.shape).bool()
+    n = changed.flatten(1).sum(1).float()
+    inside = (changed & m).flatten(1).sum(1).float()
+    return torch.where(n > 0, inside / n.clamp(min=1), torch.full_like(n, float("nan")))
