@@ -1,0 +1,33 @@
+#!/usr/bin/env bash
+# AnomalyDiffusion on the five held-out products of the synthetic world with the mini prior v2: one model for all
+# their (product, type) pairs, then per product three generated folders from the same seeds (AAR none / paper /
+# official), the generation metrics of each (world-CLIP IS / FID(a) / CLIP score, alignment), and the downstream U-Net
+# under AnomalyDiffusion's protocol with baseline / generated / oracle arms for each folder. With SEAS_GENERATED set
+# (e.g. runs/seas_v2ft/generated), SeaS's pairs run under the same protocol too. Every step resumes.
+#
+#   bash benchmarks/anomalydiffusion_synthetic_all.sh [run root, default runs/ad_v2] [extra overrides for train.py...]
+set -euo pipefail
+ROOT=${1:-runs/ad_v2}
+shift || true
+PY=${PY:-.venv/bin/python}
+PRODUCTS=(bottle pill cable carpet leather)
+LIST=$(IFS=,; echo "${PRODUCTS[*]}")
+if [ ! -f "$ROOT/train/done" ]; then
+  "$PY" scripts/train.py experiment=anomalydiffusion_synthetic hydra.run.dir="$ROOT/train" "$@"
+  touch "$ROOT/train/done"
+fi
+for aar in none paper official; do
+  for p in "${PRODUCTS[@]}"; do
+    "$PY" scripts/generate.py checkpoint="$ROOT/train" product="$p" out_dir="$ROOT/generated_$aar" \
+      method.generate.aar="$aar"
+  done
+  "$PY" scripts/eval_generation.py generated="$ROOT/generated_$aar" hydra.run.dir="$ROOT/eval_generation_$aar"
+  "$PY" scripts/eval_downstream.py experiment=downstream_synthetic protocol=anomalydiffusion downstream=unet \
+    "products=[$LIST]" "arms=[baseline,generated,oracle]" generated="$ROOT/generated_$aar" \
+    hydra.run.dir="$ROOT/downstream_$aar"
+done
+if [ -n "${SEAS_GENERATED:-}" ]; then
+  "$PY" scripts/eval_downstream.py experiment=downstream_synthetic protocol=anomalydiffusion downstream=unet \
+    "products=[$LIST]" "arms=[baseline,generated,oracle]" generated="$SEAS_GENERATED" \
+    hydra.run.dir="$ROOT/downstream_seas"
+fi
