@@ -2,8 +2,10 @@
 # AnomalyDiffusion on the five held-out products of the synthetic world with the mini prior v2: one model for all
 # their (product, type) pairs, then per product three generated folders from the same seeds (AAR none / paper /
 # official), the generation metrics of each (world-CLIP IS / FID(a) / CLIP score, alignment), and the downstream U-Net
-# under AnomalyDiffusion's protocol with baseline / generated / oracle arms for each folder. With SEAS_GENERATED set
-# (e.g. runs/seas_v2ft/generated), SeaS's pairs run under the same protocol too. Every step resumes.
+# under AnomalyDiffusion's protocol: baseline / generated / oracle arms with the AAR-free folder, the generated arm
+# alone for the other two (the baseline and oracle arms are the same runs, seeds included, so they are not trained
+# again). With SEAS_GENERATED set (e.g. runs/seas_v2ft/generated), SeaS's pairs run under the same protocol too.
+# Every step resumes.
 #
 #   bash benchmarks/anomalydiffusion_synthetic_all.sh [run root, default runs/ad_v2] [extra overrides for train.py...]
 set -euo pipefail
@@ -22,12 +24,12 @@ for aar in none paper official; do
       method.generate.aar="$aar"
   done
   "$PY" scripts/eval_generation.py generated="$ROOT/generated_$aar" hydra.run.dir="$ROOT/eval_generation_$aar"
+  arms="[generated]"
+  [ "$aar" = none ] && arms="[baseline,generated,oracle]"
   "$PY" scripts/eval_downstream.py experiment=downstream_synthetic protocol=anomalydiffusion downstream=unet \
-    "products=[$LIST]" "arms=[baseline,generated,oracle]" generated="$ROOT/generated_$aar" \
-    hydra.run.dir="$ROOT/downstream_$aar"
+    "products=[$LIST]" "arms=$arms" generated="$ROOT/generated_$aar" hydra.run.dir="$ROOT/downstream_$aar"
 done
 if [ -n "${SEAS_GENERATED:-}" ]; then
   "$PY" scripts/eval_downstream.py experiment=downstream_synthetic protocol=anomalydiffusion downstream=unet \
-    "products=[$LIST]" "arms=[baseline,generated,oracle]" generated="$SEAS_GENERATED" \
-    hydra.run.dir="$ROOT/downstream_seas"
+    "products=[$LIST]" "arms=[generated]" generated="$SEAS_GENERATED" hydra.run.dir="$ROOT/downstream_seas"
 fi
