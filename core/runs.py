@@ -195,9 +195,17 @@ def generate(cfg: DictConfig, out_dir: Path, overrides: Sequence[str] = ()) -> P
         if not checkpoint.is_dir():
             raise FileNotFoundError(f"checkpoint={checkpoint} is not a directory: pass the run directory of train.py.")
         cfg = merge_checkpoint_config(cfg, checkpoint, overrides)
-        trained = read_run_yaml(checkpoint / "config.yaml", "the training run's resolved config",
-                                "restore it from a copy of the run, or train again into a new folder.").get("product")
-        if trained is not None and str(cfg.get("product")) != str(trained):
+        run_cfg = read_run_yaml(checkpoint / "config.yaml", "the training run's resolved config",
+                                "restore it from a copy of the run, or train again into a new folder.")
+        trained = run_cfg.get("product")
+        # a method that fits one model to several products (method.products, e.g. AnomalyDiffusion) generates any
+        # of them; the others, only the run's product
+        several = [str(p) for p in ((run_cfg.get("method") or {}).get("products") or [])]
+        if several and str(cfg.get("product")) not in several:
+            raise DatasetError(f"checkpoint={checkpoint} was trained on products {several}, not "
+                               f"'{cfg.get('product')}'. Fix: product=<one of them>, or pass a run trained on "
+                               f"'{cfg.get('product')}'.")
+        if not several and trained is not None and str(cfg.get("product")) != str(trained):
             raise DatasetError(f"checkpoint={checkpoint} was trained on product '{trained}', not "
                                f"'{cfg.get('product')}'. Fix: drop product= (it comes from the checkpoint), or pass "
                                f"a run trained on '{cfg.get('product')}'.")

@@ -410,31 +410,47 @@ def test_killed_training_resumes_to_the_uninterrupted_weights(bottle_world, tmp_
     assert sorted(a) == sorted(by_key) and all(torch.equal(a[k], b[k]) for k in a)
 
 
-def test_train_and_generate_write_a_reloadable_mvtec_tree(bottle_world, tmp_path):
+@pytest.fixture(scope="module")
+def two_products(tmp_path_factory):
+    import core.data.synthetic as S
+    root = tmp_path_factory.mktemp("w2") / "synthetic" / "seed0_res64"
+    S.build_world(root, S.WorldConfig(resolution=64, n_train_good=2, n_test_good=1, n_per_type=3,
+                                      products=("bottle", "pill")), workers=1, progress=False)
+    return root
+
+
+def test_one_model_for_two_products_trains_and_generates_a_reloadable_mvtec_tree(two_products, tmp_path):
     from core.runs import generate, train
-    cfg = _train_cfg(bottle_world)
+    cfg = _train_cfg(two_products, **{"method.products": "[bottle,pill]", "method.masks.steps": 1})
     run = tmp_path / "run"
     train(cfg, run)
     meta = json.loads((run / M.META).read_text())
-    assert meta["keys"] == sorted(M.training_anomalies(cfg, ["bottle"])) and len(meta["keys"]) >= 2
-    ov = ["method=anomalydiffusion", f"checkpoint={run}", f"out_dir={tmp_path / 'out'}", "n_per_type=2",
-          "model=tiny",
-          "method.generate.masks=train", "method.generate.aar=official", "limits.num_inference_steps=3"]
-    with initialize_config_dir(config_dir=str(REPO / "configs"), version_base="1.3"):
-        g = compose("generate", ov)
-    generate(g, tmp_path / "out", ov)
-    table = load_folder(tmp_path / "out", ["bottle"])
-    types = {k.split("/")[1] for k in meta["keys"]}
+    assert meta["keys"] == sorted(M.training_anomalies(cfg, ["bottle", "pill"]))
+    assert {k.split("/")[0] for k in meta["keys"]} == {"bottle", "pill"}
+
+    def gen(product, out, **extra):
+        ov = ["method=anomalydiffusion", "model=tiny", f"checkpoint={run}", f"out_dir={out}", f"product={product}",
+              "n_per_type=2", "method.generate.masks=train", "method.generate.aar=official",
+              "limits.num_inference_steps=3", *[f"{k}={v}" for k, v in extra.items()]]
+        with initialize_config_dir(config_dir=str(REPO / "configs"), version_base="1.3"):
+            return generate(compose("generate", ov), out, ov)
+    out = tmp_path / "out"
+    gen("pill", out)        # the run's config names bottle; pill is one of its products
+    table = load_folder(out, ["pill"])
+    types = {k.split("/")[1] for k in meta["keys"] if k.startswith("pill/")}
     assert {s.anomaly_type for s in table} == types and len(table) == 2 * len(types)
-    records = read_manifest(tmp_path / "out")
     for s in table:
         m = read_mask(s.mask_paths)
         assert m.any() and m.shape == (64, 64)
-    assert all(r["source"] in meta["train_normals"]["bottle"] for r in records)
+    records = read_manifest(out)
+    assert all(r["source"] in meta["train_normals"]["pill"] for r in records)
     # a rerun resumes: nothing to do, nothing rewritten
-    before = {p: p.stat().st_mtime_ns for p in (tmp_path / "out").rglob("*.png")}
-    generate(g, tmp_path / "out", ov)
-    assert {p: p.stat().st_mtime_ns for p in (tmp_path / "out").rglob("*.png")} == before
+    before = {p: p.stat().st_mtime_ns for p in out.rglob("*.png")}
+    gen("pill", out)
+    assert {p: p.stat().st_mtime_ns for p in out.rglob("*.png")} == before
+    with pytest.raises(DatasetError, match=r"trained on products \['bottle', 'pill'\], not 'cable'"):
+        gen("cable", tmp_path / "out2")
+    assert not (tmp_path / "out2").exists()
 
 
 def test_bad_inputs_say_what_to_do(bottle_world, tmp_path, monkeypatch):
