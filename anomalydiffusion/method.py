@@ -51,6 +51,10 @@ STATE, MASK_STATE, META = "train_state.pt", "mask_state.pt", "anomalydiffusion.j
 AAR_KINDS = ("none", "paper", "official")
 
 
+class MaskGenerationError(ValueError):
+    """The mask embedding of a type draws no usable mask (a user error: train it longer, or use the training masks)."""
+
+
 # ------------------------------------------------------------------------------------------------------- data
 def key_of(product: str, anomaly_type: str) -> str:
     return f"{product}/{anomaly_type}"
@@ -516,7 +520,7 @@ def sample_masks(comp: SDComponents, prompt: EmbeddingPrompt, e_m: torch.Tensor,
             if not bad[j]:
                 out[i] = masks[j]
             elif draws[i] >= tries:
-                raise RuntimeError(f"{tries} masks in a row were empty or hugged the image border: the mask embedding "
+                raise MaskGenerationError(f"{tries} masks in a row were empty or hugged the image border: the mask embedding "
                                    f"does not produce usable masks. Fix: train the mask embeddings longer "
                                    f"(method.masks.steps), or generate from the training masks "
                                    f"(method.generate.masks=train).")

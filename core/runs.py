@@ -173,20 +173,62 @@ def shared_run_dir(cfg: DictConfig, run_dir: Path) -> Path:
 
 def merge_checkpoint_config(cfg: DictConfig, checkpoint: Path, overrides: Sequence[str]) -> DictConfig:
     """Take method / model / dataset / split / product / seed from ``<checkpoint>/config.yaml`` unless the command line
-    set them (``overrides`` as Hydra records them, e.g. ``method=seas`` or ``model.path=...``)."""
+    chose them (``overrides`` as Hydra records them).
+
+    A choice of another config group (``method=cut`` for a SeaS run) or another value (``product=pill``) replaces the
+    run's node. Overrides inside a node (``method.generate.guidance=4``), or a group choice naming the run's own
+    (``method=anomalydiffusion`` for an AnomalyDiffusion run, which generate.py adds so that Hydra can compose that
+    method's keys), keep the run's node and apply those keys on top of it."""
     path = checkpoint / "config.yaml"
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint={checkpoint} has no config.yaml: pass the run directory that "
                                 f"scripts/train.py wrote (hydra.run.dir of the training run).")
     trained = read_run_yaml(path, "the training run's resolved config",
                             f"restore it from a copy of the run, or train again into a new folder.")
-    given = {o.lstrip("+~").split("=")[0].split(".")[0] for o in overrides}
+    chosen: dict[str, str] = {}          # key -> value of a whole-node override ("method=seas", "product=pill")
+    inside: dict[str, list[str]] = {}    # key -> dotted paths set inside the node ("method.generate.guidance")
+    for o in overrides:
+        if o.startswith("~"):
+            continue
+        name, _, value = o.lstrip("+").partition("=")
+        top = name.split(".")[0]
+        if "." in name:
+            inside.setdefault(top, []).append(name)
+        else:
+            chosen[top] = value
     merged = cfg.copy()
     with open_dict(merged):
         for key in CHECKPOINT_KEYS:
-            if key in trained and key not in given:
-                merged[key] = trained[key]
+            if key not in trained:
+                continue
+            node = trained[key]
+            if key in chosen:
+                own = OmegaConf.select(node, "name") if OmegaConf.is_config(node) else None
+                if own is None or str(own) != chosen[key]:
+                    continue           # another choice: the command line's node
+            if OmegaConf.is_config(node):
+                node = node.copy()
+                for dotted in inside.get(key, []):
+                    OmegaConf.update(node, dotted.split(".", 1)[1], OmegaConf.select(cfg, dotted), force_add=True)
+            elif key in inside:
+                continue
+            merged[key] = node
     return merged
+
+
+def method_of_checkpoint(argv: Sequence[str]) -> str | None:
+    """The method name recorded by the run that ``checkpoint=`` on the command line names (None if there is none, or
+    ``method=`` is given, or the file cannot be read: the normal checks report that later)."""
+    values = {a.lstrip("+").partition("=")[0]: a.partition("=")[2] for a in argv if "=" in a}
+    path = values.get("checkpoint", "").strip().strip("'\"")
+    if not path or "method" in values or "${" in path:
+        return None
+    try:
+        conf = OmegaConf.load(Path(path).expanduser() / "config.yaml")
+        name = OmegaConf.select(conf, "method.name")
+    except Exception:  # noqa: BLE001 -- any unreadable file is reported by generate() with its fix
+        return None
+    return str(name) if name else None
 
 
 def generate(cfg: DictConfig, out_dir: Path, overrides: Sequence[str] = ()) -> Path:

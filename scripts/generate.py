@@ -11,7 +11,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from core.cli import check_path_overrides, exit_on_user_error
 from core.data import DatasetError
-from core.runs import generate
+from core.runs import generate, method_of_checkpoint
 
 
 @hydra.main(version_base="1.3", config_path="../configs", config_name="generate")
@@ -26,4 +26,7 @@ def main(cfg: DictConfig) -> None:
 
 if __name__ == "__main__":
     check_path_overrides(sys.argv[1:])   # before Hydra creates its run directory
+    trained_method = method_of_checkpoint(sys.argv[1:])
+    if trained_method is not None:      # compose with the run's method, so that its own keys can be overridden
+        sys.argv.insert(1, f"method={trained_method}")
     main()

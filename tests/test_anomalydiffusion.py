@@ -321,7 +321,7 @@ def test_mask_sampling_redraws_rejected_masks_from_the_items_own_stream(tiny, mo
     assert draws == [2, 1, 1] and calls == [3, 1]
     assert masks.dtype == torch.bool and int(masks[0].sum()) == 400 and not masks[0, 0].any()
     monkeypatch.setattr(tiny, "decode_latents", lambda z: torch.ones(z.shape[0], 3, 64, 64))
-    with pytest.raises(RuntimeError, match="method.generate.masks=train"):
+    with pytest.raises(M.MaskGenerationError, match="method.generate.masks=train"):
         M.sample_masks(tiny, p, e_m, [M.item_generator(0, "k", 0, "mask")], 1, 1.0, 5.0, 0.9, 1 / 3, 2)
 
 

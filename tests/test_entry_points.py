@@ -112,3 +112,24 @@ def test_cfg_job_prints_the_composed_config_without_running(tmp_path):
     cfg = OmegaConf.create(r.stdout)
     assert cfg.method.name == "defectdiffu" and cfg.product == "cable" and cfg.split.name == "half"
     assert not (REPO / "outputs" / "train" / "defectdiffu").exists()
+
+
+def test_generate_keeps_the_runs_node_under_overrides_inside_it(tmp_path):
+    from core.runs import merge_checkpoint_config, method_of_checkpoint
+    run = tmp_path / "run"
+    run.mkdir()
+    trained = _compose("train", ["method=seas", "model=tiny", "product=pill", "method.generate.guidance=3.0",
+                                 "method.train.lr_unet=1e-3"])
+    OmegaConf.save(trained, run / "config.yaml")
+    assert method_of_checkpoint([f"checkpoint={run}", "out_dir=x"]) == "seas"
+    assert method_of_checkpoint([f"checkpoint={run}", "method=seas"]) is None          # the user chose it
+    assert method_of_checkpoint([f"checkpoint={tmp_path / 'none'}"]) is None            # reported later
+    for given in ([], ["method=seas"]):   # generate.py adds method=<the run's>: the same as not choosing it
+        ov = [f"checkpoint={run}", "method.generate.n_per_type=7", *given]
+        cfg = merge_checkpoint_config(_compose("generate", ov + ["out_dir=x"]), run, ov)
+        assert cfg.method.generate.n_per_type == 7                     # the override inside the node applies ...
+        assert cfg.method.generate.guidance == 3.0 and cfg.method.train.lr_unet == 1e-3   # ... on the run's node
+        assert cfg.product == "pill" and cfg.model.name == "tiny"
+    ov = [f"checkpoint={run}", "model=mini", "product=bottle"]         # other choices replace the run's
+    cfg = merge_checkpoint_config(_compose("generate", ov + ["out_dir=x"]), run, ov)
+    assert cfg.model.name == "mini" and cfg.product == "bottle" and cfg.method.generate.guidance == 3.0
