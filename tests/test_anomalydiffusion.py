@@ -532,3 +532,18 @@ def test_the_official_ldm_base_loads_trains_and_generates(tmp_path, bottle_world
                                        [M.item_generator(0, "k", i) for i in range(2)], steps=2, aar="official",
                                        columns=p.columns())
     assert images.shape == (2, 3, 64, 64) and torch.isfinite(images).all()
+
+
+def test_embedding_training_in_bf16_keeps_float32_weights_and_learns(bottle_world, tmp_path):
+    from safetensors.torch import load_file
+
+    from core.models import load_model
+    cfg = _train_cfg(bottle_world, **{"method.train.mixed_precision": "bf16", "method.train.steps": 2})
+    comp = load_model(cfg.model)
+    bank = M.PairBank.load(M.training_anomalies(cfg, ["bottle"]), comp.resolution)
+    M.train_embeddings(cfg, tmp_path, comp, bank)
+    w = load_file(tmp_path / "embeddings.safetensors")["weight"]
+    init = M.word_embedding(comp, "defect")
+    assert w.dtype == torch.float32 and torch.isfinite(w).all() and (w - init).abs().max() > 0
+    enc = load_file(tmp_path / "spatial_encoder.safetensors")
+    assert all(v.dtype == torch.float32 or not v.is_floating_point() for v in enc.values())
