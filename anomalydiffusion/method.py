@@ -631,9 +631,10 @@ def generate(cfg: DictConfig, checkpoint: Path | None, out_dir: Path) -> Path:
     if aar not in AAR_KINDS:
         raise ValueError(f"method.generate.aar must be one of {AAR_KINDS}, got '{aar}'.")
     mask_source = str(g.masks)
-    if mask_source not in ("generated", "train"):
-        raise ValueError(f"method.generate.masks must be 'generated' (the mask embeddings) or 'train' (the type's "
-                         f"training masks, augmented), got '{mask_source}'.")
+    if mask_source not in ("generated", "train", "dir"):
+        raise ValueError(f"method.generate.masks must be 'generated' (the mask embeddings), 'train' (the type's "
+                         f"training masks, augmented) or 'dir' (given masks, method.generate.mask_dir), got "
+                         f"'{mask_source}'.")
     shard = current_shard(resolve_device(str(cfg.device)))
     device = shard.device
     dtype = inference_dtype(str(g.get("dtype", "fp32")), device)
@@ -651,6 +652,8 @@ def generate(cfg: DictConfig, checkpoint: Path | None, out_dir: Path) -> Path:
             raise FileNotFoundError(f"{checkpoint} has no mask embedding for {missing}. Fix: rerun scripts/train.py "
                                     f"with hydra.run.dir={checkpoint} (it trains only the missing stage), or "
                                     f"method.generate.masks=train.")
+    given_masks = given_mask_files(g.get("mask_dir"), [k.split("/", 1)[1] for k in keys]) \
+        if mask_source == "dir" else {}
     if dtype != torch.float32:
         comp.to(dtype=dtype)
         run.emb.to(dtype=dtype), run.enc.to(dtype=dtype)
@@ -695,6 +698,12 @@ def generate(cfg: DictConfig, checkpoint: Path | None, out_dir: Path) -> Path:
                     bank = train_masks[key]
                     j = int(torch.randint(bank.shape[0], (1,), generator=gen))
                     masks[r] = augment_pair(bank[j], bank[j], gen, True, float(aug.rotate), float(aug.crop_min))[1]
+            elif mask_source == "dir":
+                for r, ((ty, i), gen) in enumerate(zip(b, gens)):
+                    files = given_masks[ty]
+                    path = files[int(torch.randint(len(files), (1,), generator=gen))]
+                    m = torch.from_numpy(read_mask([path]).astype(np.float32))[None, None]
+                    masks[r] = (F.interpolate(m, size=(comp.resolution,) * 2, mode="nearest")[0] > 0.5).float()
             else:
                 for key in sorted({key_of(product, ty) for ty, _ in b}):
                     rows = [r for r, (ty, _) in enumerate(b) if key_of(product, ty) == key]
@@ -735,6 +744,24 @@ def generate(cfg: DictConfig, checkpoint: Path | None, out_dir: Path) -> Path:
     finally:
         writer.close()
     return Path(out_dir)
+
+
+def given_mask_files(mask_dir, types: Sequence[str]) -> dict[str, list[Path]]:
+    """``method.generate.masks=dir``: the PNG masks under ``<mask_dir>/<type>/`` for every type (any names; > 0 is the
+    defect), one drawn per item. A missing folder or type is an error naming what to put where."""
+    if not mask_dir:
+        raise ValueError("method.generate.masks=dir needs method.generate.mask_dir=<a folder with one subfolder of "
+                         "PNG masks per anomaly type>.")
+    root = Path(str(mask_dir)).expanduser()
+    if not root.is_dir():
+        raise FileNotFoundError(f"method.generate.mask_dir={root} is not a folder. Expected <mask_dir>/<type>/*.png "
+                                f"for the types {list(types)}.")
+    files = {t: sorted((root / t).glob("*.png")) for t in types}
+    missing = [t for t, f in files.items() if not f]
+    if missing:
+        raise FileNotFoundError(f"method.generate.mask_dir={root} has no PNG mask for type(s) {missing}. Expected "
+                                f"<mask_dir>/<type>/*.png for each of {list(types)}.")
+    return files
 
 
 def _samples_of(cfg: DictConfig, meta: dict, key: str) -> list[Sample]:

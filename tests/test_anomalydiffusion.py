@@ -451,6 +451,21 @@ def test_one_model_for_two_products_trains_and_generates_a_reloadable_mvtec_tree
     with pytest.raises(DatasetError, match=r"trained on products \['bottle', 'pill'\], not 'cable'"):
         gen("cable", tmp_path / "out2")
     assert not (tmp_path / "out2").exists()
+    # given masks (masks=dir): each pair's mask is one of the given ones, at the image's size
+    from PIL import Image
+    square = np.zeros((32, 32), np.uint8)
+    square[8:20, 4:16] = 255
+    for t in types:
+        (tmp_path / "given" / t).mkdir(parents=True)
+        Image.fromarray(square).save(tmp_path / "given" / t / "a.png")
+    gen("pill", tmp_path / "out3", **{"method.generate.masks": "dir", "method.generate.mask_dir": tmp_path / "given"})
+    for s in load_folder(tmp_path / "out3", ["pill"]):
+        m = read_mask(s.mask_paths)
+        assert m.shape == (64, 64) and m.sum() == 4 * 12 * 12 and m[16:40, 8:32].all()
+    with pytest.raises(FileNotFoundError, match="no PNG mask for type"):
+        M.given_mask_files(tmp_path / "given", [*types, "scratch_x"])
+    with pytest.raises(ValueError, match="needs method.generate.mask_dir"):
+        M.given_mask_files(None, list(types))
 
 
 def test_bad_inputs_say_what_to_do(bottle_world, tmp_path, monkeypatch):
