@@ -1,0 +1,170 @@
+"""Background-aware defect generation: the equations on hand-worked tensors and a tiny random U-Net (bgdefect/)."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from bgdefect.model import (background_from_masked, c2_input, disentanglement_loss, inversion_step,
+                            masked_cross_attention, noised_pair, refine_mask, sampling_step, start_latent,
+                            two_part_condition)
+from core.diffusion import AttentionStore, attention_control, cross_attention_layers
+
+
+def _masks(B=2, S=8):
+    m = torch.zeros(B, 1, S, S)
+    m[0, :, 1:4, 2:6] = 1
+    m[1, :, 4:8, 0:3] = 1
+    return m
+
+
+# ------------------------------------------------------------------------------------------------ Eq. 10-11
+def test_masked_cross_attention_is_one_softmax_per_part_on_its_side_of_the_mask():
+    g = torch.Generator().manual_seed(0)
+    B, heads, S, L = 2, 3, 4, 5
+    logits = torch.randn(B, heads, S * S, 2 * L, generator=g)
+    mask = torch.zeros(B, S, S)
+    mask[0, :2] = 1
+    mask[1, :, 3] = 1
+    probs = masked_cross_attention(mask, L).edit_logits("layer", logits).softmax(-1)
+    inside = mask.flatten(1).bool()[:, None, :, None].expand(B, heads, S * S, 1)
+    # inside: M_def = softmax over the first part only, zero on C_bg; outside: M_bg, zero on C_def
+    want_in = logits[..., :L].softmax(-1)
+    want_out = logits[..., L:].softmax(-1)
+    assert torch.allclose(torch.where(inside, probs[..., :L], want_in), want_in, atol=1e-6)
+    assert torch.allclose(torch.where(~inside, probs[..., L:], want_out), want_out, atol=1e-6)
+    assert (probs[..., L:][inside.expand_as(probs[..., L:])] == 0).all()
+    assert (probs[..., :L][(~inside).expand_as(probs[..., :L])] == 0).all()
+
+
+def test_masked_cross_attention_acts_in_every_layer_of_a_unet(tiny):
+    """The edit must act in diffusers' U-Net (Shape-Guided Diffusion's monkey patch silently stopped doing so)."""
+    ctx, L = two_part_condition(tiny.encode_prompt, ["a photo of a crack"] * 2, ["a photo of a bottle"] * 2)
+    assert ctx.shape[1] == 2 * L
+    m = _masks(2, 16)[:, 0]
+    store = AttentionStore(softmax="token", average_heads=False)
+    layers = cross_attention_layers(tiny.unet)
+    z = torch.randn(2, 4, 16, 16, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad(), attention_control(tiny.unet, layers, store=store, edit=masked_cross_attention(m, L)):
+        tiny.unet(z, torch.tensor([500, 500]), encoder_hidden_states=ctx)
+    assert set(store.maps) == set(layers)
+    for name, maps in store.maps.items():
+        p = maps[-1]                                          # (B, heads, N, 2L)
+        side = int(p.shape[2] ** 0.5)
+        r = torch.nn.functional.interpolate(m[:, None], size=(side, side), mode="area").flatten(1) >= 0.5
+        r = r[:, None, :, None]
+        assert (p[..., L:] * r).abs().max() == 0 and (p[..., :L] * ~r).abs().max() == 0, name
+        assert torch.allclose(p.sum(-1), torch.ones_like(p.sum(-1)), atol=1e-5)
+
+
+# ------------------------------------------------------------------------------------------------ Eq. 5-7, Lemma 3.1
+def test_masked_latent_is_the_background_of_the_noised_latent():
+    g = torch.Generator().manual_seed(2)
+    z0, eps = torch.randn(2, 4, 8, 8, generator=g), torch.randn(2, 4, 8, 8, generator=g)
+    m = _masks()
+    z_t, z_t_m = noised_pair(torch.tensor([0.3, 0.8]), z0, m, eps)
+    assert torch.allclose((1 - m) * z_t, z_t_m) and (m * z_t_m == 0).all()
+    assert torch.allclose(z_t[1], 0.8 ** 0.5 * z0[1] + 0.2 ** 0.5 * eps[1])
+
+
+def test_disentanglement_loss_hand_worked_and_as_one_residual():
+    g = torch.Generator().manual_seed(3)
+    eps, e1, e2 = (torch.randn(2, 4, 8, 8, generator=g) for _ in range(3))
+    m = _masks()
+    loss = disentanglement_loss(eps, e1, e2, m)
+    assert torch.allclose(loss, ((eps - m * e1 - (1 - m) * e2) ** 2).mean())      # the last line of Eq. 5
+    # C1's prediction counts only inside, C2's only outside
+    assert torch.equal(disentanglement_loss(eps, e1 + 5 * (1 - m), e2 + 5 * m, m), loss)
+    one = torch.zeros(1, 1, 1, 2)
+    assert disentanglement_loss(torch.zeros(1, 1, 1, 2), torch.tensor([[[[2.0, 9.0]]]]),
+                                torch.tensor([[[[9.0, 1.0]]]]), one + torch.tensor([1.0, 0.0])).item() == 2.5
+
+
+def test_lemma_3_1_the_background_comes_back_from_the_masked_latent_alone():
+    g = torch.Generator().manual_seed(4)
+    z0, eps = torch.randn(2, 4, 8, 8, generator=g), torch.randn(2, 4, 8, 8, generator=g)
+    m = _masks()
+    a = torch.tensor([0.05, 0.6])
+    _, z_t_m = noised_pair(a, z0, m, eps)
+    # zero loss: the C2 branch predicts the noise outside the mask (inside, anything)
+    eps_c2 = (1 - m) * eps + m * torch.randn(2, 4, 8, 8, generator=g)
+    assert torch.allclose(background_from_masked(z_t_m, eps_c2, a, m), (1 - m) * z0, atol=1e-5)
+    assert not torch.allclose(background_from_masked(z_t_m, eps_c2 + 0.1, a, m), (1 - m) * z0, atol=1e-3)
+
+
+# ------------------------------------------------------------------------------------------------ Eq. 8-9
+def test_inversion_step_is_ddim_inversion_outside_and_keeps_the_mask_area_at_zero():
+    g = torch.Generator().manual_seed(5)
+    m = _masks()
+    z = (1 - m) * torch.randn(2, 4, 8, 8, generator=g)
+    eps = torch.randn(2, 4, 8, 8, generator=g)
+    a_prev, a_t = 0.9, 0.7
+    out = inversion_step(z, eps, a_prev, a_t, m)
+    assert (m * out == 0).all()
+    # outside: DDIM's deterministic step run backwards, x0 = (z - sqrt(1 - a_prev) eps) / sqrt(a_prev)
+    x0 = (z - (1 - a_prev) ** 0.5 * eps) / a_prev ** 0.5
+    want = a_t ** 0.5 * x0 + (1 - a_t) ** 0.5 * eps
+    assert torch.allclose((1 - m) * out, (1 - m) * want, atol=1e-5)
+
+
+def test_sampling_step_is_the_ddim_step_with_the_combined_prediction():
+    g = torch.Generator().manual_seed(6)
+    m = _masks()
+    z, e1, e2 = (torch.randn(2, 4, 8, 8, generator=g) for _ in range(3))
+    a_t, a_prev = 0.4, 0.75
+    out = sampling_step(z, e1, e2, a_t, a_prev, m)
+    eps = (1 - m) * e2 + m * e1
+    x0 = (z - (1 - a_t) ** 0.5 * eps) / a_t ** 0.5
+    assert torch.allclose(out, a_prev ** 0.5 * x0 + (1 - a_prev) ** 0.5 * eps, atol=1e-5)
+    z_T = start_latent((1 - m) * z, m, e1)
+    assert torch.equal(z_T * m, e1 * m) and torch.equal(z_T * (1 - m), (1 - m) * z)
+
+
+def _c2_branch(m, t_scale):
+    """A stand-in U-Net for the C2 branch: a function of everything it is given, the defect area included."""
+    def eps_c2(x, i):
+        return torch.tanh(x * t_scale[i]) + 0.3 * (m * x).mean(dim=(1, 2, 3), keepdim=True) + 0.1 * i
+    return eps_c2
+
+
+@pytest.mark.parametrize("mode", ["masked", "literal"])
+def test_proposition_3_3_the_background_does_not_depend_on_the_defect_noise(mode):
+    """Invert the masked normal latent (Eq. 8), start from z_T* with two different defect noises, sample (Eq. 9):
+    with the C2 branch on the masked latent the backgrounds of the two results are identical; with the literal Eq. 9
+    (C2 reads z_t*, defect area included) the defect noise leaks into the background."""
+    g = torch.Generator().manual_seed(7)
+    m = _masks()
+    abar = torch.linspace(0.95, 0.05, 6, dtype=torch.float64)
+    scale = torch.linspace(0.5, 1.5, 6)
+    eps_c2 = _c2_branch(m, scale)
+    z0 = (1 - m) * torch.randn(2, 4, 8, 8, generator=g)
+    z = z0
+    for i in range(1, 6):
+        z = inversion_step(z, eps_c2(z, i - 1), abar[i - 1], abar[i], m)
+    results = []
+    for seed in (10, 11):
+        n = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(seed))
+        zs = start_latent(z, m, n)
+        for i in range(5, 0, -1):
+            x = c2_input(zs, m, mode)
+            # the C1 branch reads everything: in a trained model it sees the background too
+            e1 = torch.tanh(zs)
+            e2 = eps_c2(x, i)
+            zs = sampling_step(zs, e1, e2, abar[i], abar[i - 1], m)
+        results.append(zs)
+    same = torch.allclose((1 - m) * results[0], (1 - m) * results[1], atol=1e-6)
+    assert same == (mode == "masked")
+    assert not torch.allclose(m * results[0], m * results[1])      # the defects differ
+    with pytest.raises(ValueError, match="c2_input"):
+        c2_input(z, m, "both")
+
+
+# ------------------------------------------------------------------------------------------------ Eq. 13
+def test_refinement_keeps_attention_of_at_least_one_half_inside_the_mask():
+    att = torch.tensor([[[0.9, 0.6], [0.4, 0.8]], [[0.5, 0.49], [1.0, 0.0]]])
+    m = torch.tensor([[[1.0, 1.0], [1.0, 0.0]], [[1.0, 1.0], [0.0, 0.0]]])
+    out = refine_mask(att, m, 2)
+    assert out.tolist() == [[[True, True], [False, False]], [[True, False], [False, False]]]
+    up = refine_mask(att, m, 8)
+    assert up.shape == (2, 8, 8) and up.dtype == torch.bool and not up[1, 6:, :].any()
+    with pytest.raises(ValueError, match="one shape"):
+        refine_mask(att, m[:, :1], 4)
