@@ -520,10 +520,10 @@ def sample_masks(comp: SDComponents, prompt: EmbeddingPrompt, e_m: torch.Tensor,
             if not bad[j]:
                 out[i] = masks[j]
             elif draws[i] >= tries:
-                raise MaskGenerationError(f"{tries} masks in a row were empty or hugged the image border: the mask embedding "
-                                   f"does not produce usable masks. Fix: train the mask embeddings longer "
-                                   f"(method.masks.steps), or generate from the training masks "
-                                   f"(method.generate.masks=train).")
+                raise MaskGenerationError(
+                    f"{tries} masks in a row were empty or hugged the image border: the mask embedding does not "
+                    f"produce usable masks. Fix: train the mask embeddings longer (method.masks.steps), or generate "
+                    f"from the training masks (method.generate.masks=train).")
             else:
                 left.append(i)
         todo = left
