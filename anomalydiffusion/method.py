@@ -44,8 +44,9 @@ from core.models.slim import weights_hash
 from core.runs import positive_int, resolve_device, run_identity
 from core.shard import current_shard
 
-from .model import (AnomalyEmbeddings, EmbeddingPrompt, aar_weights_official, aar_weights_paper, binarize_generated_mask,
-                    blend, build_spatial_encoder, hugs_border, latent_mask, masked_diffusion_loss)
+from .model import (AnomalyEmbeddings, EmbeddingPrompt, aar_weights_official, aar_weights_paper,
+                    binarize_generated_mask, blend, build_spatial_encoder, hugs_border, latent_mask,
+                    masked_diffusion_loss)
 
 STATE, MASK_STATE, META = "train_state.pt", "mask_state.pt", "anomalydiffusion.json"
 AAR_KINDS = ("none", "paper", "official")
@@ -131,9 +132,9 @@ def augment_pair(image: torch.Tensor, mask: torch.Tensor, g: torch.Generator, fl
                  rotate: float = 20.0, crop_min: float = 0.75) -> tuple[torch.Tensor, torch.Tensor]:
     """Appendix B's augmentation, applied alike to a (C, S, S) image and its (1, S, S) mask: random horizontal and
     vertical flips (p = 0.5 each), a rotation by a whole number of degrees in [0, ``rotate``] (official: randint(0,
-    20)) unless it would turn part of the anomaly out of the frame, then a random square crop of side s * S (s uniform in [``crop_min``, 1]) placed so that the anomaly's
-    bounding box stays inside it (the crop grows to the box when the box is larger), resized back to S x S. The
-    mask stays binary (nearest neighbour)."""
+    20)) unless it would turn part of the anomaly out of the frame, then a random square crop of side s * S (s
+    uniform in [``crop_min``, 1]) placed so that the anomaly's bounding box stays inside it (the crop grows to the
+    box when the box is larger), resized back to S x S. The mask stays binary (nearest neighbour)."""
     S = image.shape[-1]
     r = torch.rand(4, generator=g)
     if flip and r[0] < 0.5:
@@ -624,8 +625,8 @@ def generate(cfg: DictConfig, checkpoint: Path | None, out_dir: Path) -> Path:
     anomaly embedding of the type and the mask as the condition; written through :class:`core.export.GeneratedWriter`
     (resumable)."""
     if checkpoint is None:
-        raise FileNotFoundError("AnomalyDiffusion generates from trained embeddings: pass checkpoint=<the run directory "
-                                "of scripts/train.py method=anomalydiffusion ...>.")
+        raise FileNotFoundError("AnomalyDiffusion generates from trained embeddings: pass checkpoint=<the run "
+                                "directory of scripts/train.py method=anomalydiffusion ...>.")
     g = cfg.method.generate
     aar = str(g.aar)
     if aar not in AAR_KINDS:

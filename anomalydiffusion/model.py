@@ -185,8 +185,8 @@ def build_spatial_encoder(kind: str, n_tokens: int, dim: int, resolution: int, *
     if kind == "psp":
         kw = {k: tuple(options[k]) for k in ("units", "widths") if options.get(k) is not None}
         return PSPSpatialEncoder(n_tokens, dim, resolution, **kw)
-    raise ValueError(f"method.model.spatial_encoder must be 'fpn' (paper: ResNet + FPN) or 'psp' (official: pSp IR-50), "
-                     f"got '{kind}'.")
+    raise ValueError(f"method.model.spatial_encoder must be 'fpn' (paper: ResNet + FPN) or 'psp' (official: pSp "
+                     f"IR-50), got '{kind}'.")
 
 
 class EmbeddingPrompt:

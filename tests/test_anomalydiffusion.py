@@ -224,7 +224,8 @@ def test_blending_keeps_the_latent_outside_the_mask_on_the_noised_normal_at_ever
         images, cb = M.blended_generate(tiny, _cond(tiny, 2), None, normals, masks, gens, steps=4, aar=aar,
                                         columns=[5, 6], record=True)
     assert images.shape == (2, 3, 64, 64) and len(cb.blended) == 4
-    if aar != "none":   # the paper re-weights the attention maps of e's columns, the official code their logits (+ col 0)
+    if aar != "none":   # the paper re-weights the attention maps of e's columns, the official code their logits
+        # (and the start token's column)
         assert cb.edit.on == {"paper": "probs", "official": "logits"}[aar]
         assert sorted(cb.edit.tokens) == ([0, 5, 6] if aar == "official" else [5, 6])
     with torch.no_grad():
@@ -355,7 +356,8 @@ def test_the_batch_is_a_function_of_the_step_and_draws_every_key():
 
 
 def _train_cfg(world, model="tiny", **extra):
-    ov = ["method=anomalydiffusion", f"model={model}", f"dataset.root={world}", "dataset.resolution=64", "product=bottle",
+    ov = ["method=anomalydiffusion", f"model={model}", f"dataset.root={world}", "dataset.resolution=64",
+          "product=bottle",
           "method.model.backbone=resnet18", "method.model.fpn_channels=32", "method.train.steps=4",
           "method.train.checkpoint_every=2", "method.masks.steps=3", "method.masks.checkpoint_every=2",
           "method.model.anomaly_tokens=2", "method.model.spatial_tokens=2", "method.masks.tokens=2"]
