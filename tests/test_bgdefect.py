@@ -168,3 +168,126 @@ def test_refinement_keeps_attention_of_at_least_one_half_inside_the_mask():
     assert up.shape == (2, 8, 8) and up.dtype == torch.bool and not up[1, 6:, :].any()
     with pytest.raises(ValueError, match="one shape"):
         refine_mask(att, m[:, :1], 4)
+
+
+# ------------------------------------------------------------------------------------------------ training
+def _cfg(world, **extra):
+    from hydra import compose, initialize_config_dir
+    from pathlib import Path
+    ov = ["method=bgdefect", "model=tiny", f"dataset.root={world}", "dataset.resolution=64", "product=bottle",
+          "method.train.steps_per_type=4", "method.train.checkpoint_every=2", "method.train.batch=2",
+          *[f"{k}={v}" for k, v in extra.items()]]
+    with initialize_config_dir(config_dir=str(Path(__file__).resolve().parents[1] / "configs"), version_base="1.3"):
+        return compose("train", ov)
+
+
+def test_killed_type_training_resumes_to_the_uninterrupted_unet(bottle_world, tmp_path):
+    from bgdefect import method as M
+    from core.models import load_model
+    from core.models.slim import load_slim
+    cfg = _cfg(bottle_world)
+    by_type = M.training_anomalies(cfg, "bottle")
+    t = next(iter(by_type))
+    parts = M.prompts(cfg.method.prompt, "bottle", t)
+
+    def run(out, on_step=None):
+        comp = load_model(cfg.model)
+        images, masks = M.load_pairs(by_type[t], comp.resolution)
+        out.mkdir(parents=True, exist_ok=True)
+        M.train_type(cfg, out, comp, images, masks, parts, 0, on_step=on_step)
+
+    class Killed(Exception):
+        pass
+
+    def kill(step):
+        if step == 3:
+            raise Killed
+    run(tmp_path / "a")
+    with pytest.raises(Killed):
+        run(tmp_path / "b", kill)
+    assert (tmp_path / "b" / M.STATE).is_file()
+    run(tmp_path / "b")
+    a, b = load_slim(tmp_path / "a" / "generator"), load_slim(tmp_path / "b" / "generator")
+    base = load_model(cfg.model).unet.state_dict()
+    moved = max(float((v - base[k]).abs().max()) for k, v in a.unet.state_dict().items())
+    assert moved > 0
+    for k, v in a.unet.state_dict().items():
+        assert torch.equal(v, b.unet.state_dict()[k]), k
+    assert not (tmp_path / "b" / M.STATE).exists()
+
+
+def test_train_writes_one_generator_per_type_and_fold_errors_are_clear(bottle_world, tmp_path, monkeypatch):
+    from bgdefect import method as M
+    from core.data import DatasetError
+    from core.models.slim import is_slim
+    from core.registry import MethodNotImplementedError
+    from core.runs import train
+    cfg = _cfg(bottle_world, **{"method.train.steps_per_type": 1})
+    train(cfg, tmp_path / "run")
+    types = sorted(M.training_anomalies(cfg, "bottle"))
+    assert sorted(p.name for p in (tmp_path / "run" / "types").iterdir()) == types
+    assert all(is_slim(tmp_path / "run" / "types" / t / "generator") for t in types)
+    with pytest.raises(ValueError, match="other images"):
+        M.train(_cfg(bottle_world, **{"split.fold": 1}), tmp_path / "run")
+    with pytest.raises(MethodNotImplementedError, match="not implemented yet"):
+        M.generate(cfg, tmp_path / "run", tmp_path / "gen")
+    real = M.load_from_config
+
+    def one_crack(node, products):   # a type with a single image: fold 1 has none of it
+        rows = real(node, products)
+        cracks = [s for s in rows if s.anomaly_type == "crack"]
+        return [s for s in rows if s.anomaly_type != "crack"] + cracks[:1]
+    monkeypatch.setattr(M, "load_from_config", one_crack)
+    with pytest.raises(DatasetError, match=r"Fold 1 .*\['crack'\].*split.fold"):
+        M.training_anomalies(_cfg(bottle_world, **{"split.fold": 1}), "bottle")
+
+
+def test_training_runs_every_cross_attention_layer_under_the_masked_attention(bottle_world, tmp_path, monkeypatch):
+    from bgdefect import method as M
+    from core.models import load_model
+    cfg = _cfg(bottle_world, **{"method.train.steps_per_type": 1})
+    by_type = M.training_anomalies(cfg, "bottle")
+    t = next(iter(by_type))
+    comp = load_model(cfg.model)
+    images, masks = M.load_pairs(by_type[t], comp.resolution)
+    seen = []
+    real = M.masked_cross_attention
+
+    def spy(mask, L):
+        edit = real(mask, L)
+        inner = edit.edit_logits
+
+        def edit_logits(layer, logits):
+            seen.append((layer, logits.shape[0], logits.shape[-1]))
+            return inner(layer, logits)
+        edit.edit_logits = edit_logits
+        return edit
+    monkeypatch.setattr(M, "masked_cross_attention", spy)
+    inputs = []
+    forward = comp.unet.forward
+
+    contexts = []
+
+    def record(sample, *a, **kw):
+        inputs.append(sample.detach().clone())
+        contexts.append(kw["encoder_hidden_states"].detach().clone())
+        return forward(sample, *a, **kw)
+    monkeypatch.setattr(comp.unet, "forward", record)
+    M.train_type(cfg, tmp_path, comp, images, masks, M.prompts(cfg.method.prompt, "bottle", t), 0)
+    z_t, z_t_m = inputs[0].chunk(2)       # Eq. 6-7: the second half is the masked latent of the first
+    _, mask = M.step_batch(images, masks, 0, 0, 2, False)
+    m = M.latent_region(mask, comp.latent_size)
+    assert 0 < m.mean() < 1
+    assert torch.allclose(z_t_m, (1 - m) * z_t, atol=1e-6) and not torch.allclose(z_t_m, z_t)
+    parts = M.prompts(cfg.method.prompt, "bottle", t)
+    with torch.no_grad():
+        enc = {k: comp.encode_prompt([v])[0] for k, v in parts.items()}
+    L = comp.tokenizer.model_max_length
+    c = contexts[0]                        # rows: C1 = [C_def, C_bg] for z_t, C2 = [C_m, C_bg] for z_t^m
+    for row, first in ((0, "defect"), (1, "defect"), (2, "mask"), (3, "mask")):
+        assert torch.allclose(c[row, :L], enc[first], atol=1e-5) and torch.allclose(c[row, L:], enc["background"],
+                                                                                      atol=1e-5)
+    layers = {layer for layer, _, _ in seen}
+    from core.diffusion import cross_attention_layers
+    assert layers == set(cross_attention_layers(comp.unet))
+    assert {(b, k) for _, b, k in seen} == {(4, 2 * L)}   # [z_t; z_t^m] of a batch of 2, keys [C_def|C_m, C_bg]
