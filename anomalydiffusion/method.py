@@ -31,8 +31,8 @@ from omegaconf import DictConfig, OmegaConf
 from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
-from core.data import DatasetError, Sample, load_from_config, read_image, read_mask, screen_empty_masks, \
-    split_from_config
+from core.data import DatasetError, Sample, load_from_config, read_image, read_mask, require_masks, \
+    screen_empty_masks, split_from_config
 from core.data.torch_dataset import to_tensor
 from core.diffusion import TokenReweight, attention_control, cfg_eps, cross_attention_layers, \
     inference_scheduler, noise_to, sample
@@ -74,11 +74,7 @@ def training_anomalies(cfg: DictConfig, products: Sequence[str]) -> dict[str, li
     by_key: dict[str, list[Sample]] = {}
     for p in products:
         anomalies = sorted((s for s in split.train if s.label == 1 and s.product == p), key=lambda s: s.path)
-        unmasked = [s for s in anomalies if not s.mask_paths]
-        if unmasked:
-            raise DatasetError(f"{len(unmasked)} training anomalies of '{p}' have no mask (e.g. {unmasked[0].path}). "
-                               f"AnomalyDiffusion learns from image-mask pairs: use a dataset with pixel masks "
-                               f"(ground_truth/<type>/<name>_mask.png).")
+        require_masks(anomalies, p, "AnomalyDiffusion learns from image-mask pairs")
         anomalies = screen_empty_masks(anomalies, str(cfg.method.train.get("empty_masks", "error")),
                                        "method.train.empty_masks")
         if not anomalies:
@@ -189,6 +185,14 @@ def embedding_batch(bank: PairBank, seed: int, step: int, batch: int, aug: dict
     return keys, torch.stack(imgs), torch.stack(masks)
 
 
+def noised_latents(comp: SDComponents, images: torch.Tensor, eps: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    """z_t of images in [0, 1]: the frozen VAE's latents, noised to ``t`` with ``eps`` (the forward process)."""
+    dev = comp.device
+    with torch.no_grad():
+        z0 = comp.encode_images(images.to(dev))
+    return comp.scheduler.add_noise(z0, eps.to(dev), t.to(dev))
+
+
 def batch_noise(seed: int, step: int, shape: tuple[int, ...], T: int) -> tuple[torch.Tensor, torch.Tensor]:
     g = torch.Generator().manual_seed((seed + 7919) * 1_000_003 + step)
     return torch.randint(0, T, (shape[0],), generator=g), torch.randn(shape, generator=g)
@@ -291,9 +295,7 @@ def train_embeddings(cfg: DictConfig, run_dir: Path, comp: SDComponents, bank: P
         opt.zero_grad(set_to_none=True)
         with engine.autocast():
             dev = comp.device
-            with torch.no_grad():
-                z0 = comp.encode_images(images[idx].to(dev))
-            z_t = comp.scheduler.add_noise(z0, eps[idx].to(dev), t[idx].to(dev))
+            z_t = noised_latents(comp, images[idx], eps[idx], t[idx])
             ctx = batch_condition(comp, prompts, emb, enc, [keys[i] for i in idx], masks[idx].to(dev))
             eps_pred = comp.unet(z_t, t[idx].to(dev), encoder_hidden_states=ctx).sample
             m = latent_mask(masks[idx].to(dev), comp.latent_size)
@@ -364,9 +366,7 @@ def train_mask_embeddings(cfg: DictConfig, run_dir: Path, comp: SDComponents, ba
             opt.zero_grad(set_to_none=True)
             with engine.autocast():
                 dev = comp.device
-                with torch.no_grad():
-                    z0 = comp.encode_images(x[idx].to(dev))
-                z_t = comp.scheduler.add_noise(z0, eps[idx].to(dev), t[idx].to(dev))
+                z_t = noised_latents(comp, x[idx], eps[idx], t[idx])
                 ctx = prompt.encode(comp.text_encoder, e_m[None].expand(len(idx), -1, -1))
                 pred = comp.unet(z_t, t[idx].to(dev), encoder_hidden_states=ctx).sample
                 loss = F.mse_loss(pred.float(), eps[idx].to(dev).float())

@@ -20,8 +20,8 @@ import torch.nn.functional as F
 from omegaconf import DictConfig, OmegaConf
 from tqdm.auto import tqdm
 
-from core.data import DatasetError, Sample, load_from_config, read_image, read_mask, screen_empty_masks, \
-    split_from_config
+from core.data import DatasetError, Sample, load_from_config, read_image, read_mask, require_masks, \
+    screen_empty_masks, split_from_config
 from core.data.torch_dataset import PairedTransform, to_tensor
 from core.diffusion import attention_control, cross_attention_layers
 from core.engine import Engine, EngineSpec, make_adamw
@@ -42,11 +42,7 @@ def training_anomalies(cfg: DictConfig, product: str) -> dict[str, list[Sample]]
     split = split_from_config(load_from_config(cfg.dataset, [product]), cfg.split)
     fold = cfg.split.get("fold")
     anomalies = sorted((s for s in split.train if s.label == 1 and s.product == product), key=lambda s: s.path)
-    unmasked = [s for s in anomalies if not s.mask_paths]
-    if unmasked:
-        raise DatasetError(f"{len(unmasked)} training anomalies of '{product}' have no mask (e.g. {unmasked[0].path}). "
-                           f"Background-aware generation masks the latent and the attention with them: use a dataset "
-                           f"with pixel masks (ground_truth/<type>/<name>_mask.png).")
+    require_masks(anomalies, product, "Background-aware generation masks the latent and the attention with them")
     anomalies = screen_empty_masks(anomalies, str(cfg.method.train.get("empty_masks", "error")),
                                    "method.train.empty_masks")
     by_type: dict[str, list[Sample]] = {}

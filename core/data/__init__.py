@@ -12,7 +12,8 @@ from .mvtec_3d import load_mvtec_3d
 from .mvtec_ad import load_mvtec_ad
 from .mvtec_loco import load_mvtec_loco
 from .splits import PROTOCOLS, Split, apply_split
-from .table import (DatasetError, Sample, anomaly_types, counts, read_image, read_mask, screen_empty_masks,
+from .table import (DatasetError, Sample, anomaly_types, counts, read_image, read_mask, require_masks,
+                    screen_empty_masks,
                     validate_files)
 from .visa import load_visa
 
@@ -73,7 +74,7 @@ def load_dataset(name: str, root: str | Path, products: Iterable[str] | str | No
 
 __all__ = ["DATASETS", "PROTOCOLS", "DatasetError", "Sample", "Split", "anomaly_types", "apply_split", "counts",
            "load_dataset", "load_folder", "load_mvtec_3d", "load_mvtec_ad", "load_mvtec_loco", "load_synthetic",
-           "load_visa", "read_image", "read_mask", "screen_empty_masks", "validate_files"]
+           "load_visa", "read_image", "read_mask", "require_masks", "screen_empty_masks", "validate_files"]
 
 
 def load_from_config(dataset_cfg, products: Iterable[str] | str | None = None, validate: bool = True) -> list[Sample]:

@@ -206,6 +206,15 @@ def anomaly_types(samples: Iterable[Sample]) -> list[str]:
     return sorted({s.anomaly_type for s in samples if s.label == 1})
 
 
+def require_masks(samples: Sequence[Sample], product: str, why: str) -> None:
+    """Every anomalous sample must have a mask file: one error naming how many lack one, an example, and ``why`` the
+    method needs them (methods that learn from image-mask pairs)."""
+    unmasked = [s for s in samples if s.label == 1 and not s.mask_paths]
+    if unmasked:
+        raise DatasetError(f"{len(unmasked)} training anomalies of '{product}' have no mask (e.g. {unmasked[0].path}). "
+                           f"{why}: use a dataset with pixel masks (ground_truth/<type>/<name>_mask.png).")
+
+
 def screen_empty_masks(samples: Sequence[Sample], policy: str = "error", key: str = "empty_masks") -> list[Sample]:
     """The anomalous ``samples`` whose mask marks no pixel: an error by default (``policy='error'``), naming them and
     the fix; with ``policy='drop'`` they are left out with a warning. Normal samples pass through unread."""
