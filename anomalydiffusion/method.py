@@ -17,7 +17,6 @@ Run directory written by ``train``::
 """
 from __future__ import annotations
 
-import hashlib
 import math
 import warnings
 from dataclasses import dataclass
@@ -31,8 +30,8 @@ from omegaconf import DictConfig, OmegaConf
 from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
-from core.data import DatasetError, Sample, load_from_config, read_image, read_mask, require_masks, \
-    screen_empty_masks, split_from_config
+from core.data import DatasetError, Sample, given_mask_files, load_from_config, read_image, read_mask, \
+    require_masks, screen_empty_masks, split_from_config, training_normals as core_training_normals
 from core.data.torch_dataset import to_tensor
 from core.diffusion import TokenReweight, attention_control, cfg_eps, cross_attention_layers, \
     inference_scheduler, noise_to, sample
@@ -41,7 +40,7 @@ from core.export import GeneratedWriter
 from core.io import atomic_write, load_weights, read_run_json, read_run_safetensors, write_json
 from core.models import SDComponents, load_model
 from core.models.slim import weights_hash
-from core.runs import positive_int, resolve_device, run_identity
+from core.runs import item_generator as core_item_generator, positive_int, resolve_device, run_identity
 from core.shard import current_shard
 
 from .model import (AnomalyEmbeddings, EmbeddingPrompt, aar_weights_official, aar_weights_paper,
@@ -433,14 +432,8 @@ def train(cfg: DictConfig, run_dir: Path) -> Path:
 
 
 def training_normals(cfg: DictConfig, product: str) -> list[str]:
-    """The product's normal training images (train/good of the split), absolute paths: the images the anomalies are
-    blended onto."""
-    split = split_from_config(load_from_config(cfg.dataset, [product]), cfg.split)
-    normals = sorted(str(Path(s.path).resolve()) for s in split.train if s.label == 0 and s.product == product)
-    if not normals:
-        raise DatasetError(f"Product '{product}' has no normal training images (train/good) in {cfg.dataset.root}: "
-                           f"AnomalyDiffusion blends its anomalies onto them.")
-    return normals
+    """The product's normal training images (absolute paths): the images the anomalies are blended onto."""
+    return core_training_normals(cfg, product, "AnomalyDiffusion blends its anomalies onto them")
 
 
 # ------------------------------------------------------------------------------------------------- loading
@@ -478,10 +471,9 @@ def load_trained(run_dir: Path, comp: SDComponents) -> Trained:
 
 # ------------------------------------------------------------------------------------------------- generate
 def item_generator(seed: int, key: str, index: int, what: str = "image") -> torch.Generator:
-    """Per-item randomness (normal image, mask, start and step noise): an item's result does not depend on batching
-    or on which items a resumed run still has to make."""
-    h = hashlib.sha256(f"{seed}/{key}/{index}/{what}".encode()).digest()
-    return torch.Generator().manual_seed(int.from_bytes(h[:7], "little"))
+    """Per-item randomness (normal image, mask, start and step noise), :func:`core.runs.item_generator` of the item
+    and of what it draws."""
+    return core_item_generator(seed, key, index, what)
 
 
 def ddim(comp: SDComponents):
@@ -745,24 +737,6 @@ def generate(cfg: DictConfig, checkpoint: Path | None, out_dir: Path) -> Path:
     finally:
         writer.close()
     return Path(out_dir)
-
-
-def given_mask_files(mask_dir, types: Sequence[str]) -> dict[str, list[Path]]:
-    """``method.generate.masks=dir``: the PNG masks under ``<mask_dir>/<type>/`` for every type (any names; > 0 is the
-    defect), one drawn per item. A missing folder or type is an error naming what to put where."""
-    if not mask_dir:
-        raise ValueError("method.generate.masks=dir needs method.generate.mask_dir=<a folder with one subfolder of "
-                         "PNG masks per anomaly type>.")
-    root = Path(str(mask_dir)).expanduser()
-    if not root.is_dir():
-        raise FileNotFoundError(f"method.generate.mask_dir={root} is not a folder. Expected <mask_dir>/<type>/*.png "
-                                f"for the types {list(types)}.")
-    files = {t: sorted((root / t).glob("*.png")) for t in types}
-    missing = [t for t, f in files.items() if not f]
-    if missing:
-        raise FileNotFoundError(f"method.generate.mask_dir={root} has no PNG mask for type(s) {missing}. Expected "
-                                f"<mask_dir>/<type>/*.png for each of {list(types)}.")
-    return files
 
 
 def _samples_of(cfg: DictConfig, meta: dict, key: str) -> list[Sample]:

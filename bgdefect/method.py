@@ -1,6 +1,7 @@
-"""Background-aware defect generation, the training loop (Sec. 3.1, 3.3.1, A.1): one U-Net fine-tuned per defect
-type with the disentanglement loss (Eq. 5) under masked cross-attention (Eq. 10-11). Generation (masked DDIM inversion,
-Eq. 8-9, and the mask refinement, Eq. 13) is not written yet (issue 16); ``generate`` says so.
+"""Background-aware defect generation, the loops: training (Sec. 3.1, 3.3.1, A.1), one U-Net fine-tuned per defect
+type with the disentanglement loss (Eq. 5) under masked cross-attention (Eq. 10-11); generation (Sec. 3.2, 3.3.2,
+Algorithm 1), the masked DDIM inversion of a normal image (Eq. 8), the start z_T* (Theorem 3.2), the combined
+sampling (Eq. 9) and the mask refinement (Eq. 13).
 
 One run is one product and one fold of the two-fold protocol (``split.fold``: the generator of fold f must never
 see fold f's test anomalies). Run directory::
@@ -20,17 +21,20 @@ import torch.nn.functional as F
 from omegaconf import DictConfig, OmegaConf
 from tqdm.auto import tqdm
 
-from core.data import DatasetError, Sample, load_from_config, read_image, read_mask, require_masks, \
-    screen_empty_masks, split_from_config
+from core.data import DatasetError, Sample, given_mask_files, load_from_config, read_image, read_mask, \
+    require_masks, screen_empty_masks, split_from_config, training_normals
 from core.data.torch_dataset import PairedTransform, to_tensor
-from core.diffusion import attention_control, cross_attention_layers
-from core.engine import Engine, EngineSpec, make_adamw
+from core.diffusion import attention_control, cross_attention_layers, ddim_invert, inference_scheduler, layers_at
+from core.engine import Engine, EngineSpec, inference_dtype, make_adamw
+from core.export import GeneratedWriter
 from core.io import read_run_json, write_json
 from core.models import SDComponents, load_model
-from core.models.slim import is_slim, save_slim, weights_hash
-from core.runs import resolve_device
+from core.models.slim import is_slim, load_slim, save_slim, weights_hash
+from core.runs import item_generator, positive_int, resolve_device, run_identity
+from core.shard import current_shard
 
-from .model import disentanglement_loss, masked_cross_attention, noised_pair, two_part_condition
+from .model import C2_INPUTS, DefectAttention, c2_input, disentanglement_loss, masked_cross_attention, noised_pair, \
+    refine_mask, resized_mask, sampling_step, start_latent, token_positions, two_part_condition
 
 STATE, META = "train_state.pt", "bgdefect.json"
 
@@ -73,10 +77,15 @@ def load_pairs(samples: Sequence[Sample], size: int) -> tuple[torch.Tensor, torc
 
 
 def prompts(cfg_prompt, product: str, anomaly_type: str) -> dict[str, str]:
-    """The three prompt parts: ``defect`` (C_def), ``background`` (C_bg), ``mask`` (C_m). The paper does not say how
-    they are built; here fixed templates with {product} and {defect} (the type's name, underscores as spaces)."""
-    words = {"product": product.replace("_", " "), "defect": anomaly_type.replace("_", " ")}
-    return {k: str(cfg_prompt[k]).format(**words) for k in ("defect", "background", "mask")}
+    """The three prompt parts: ``defect`` (C_def), ``background`` (C_bg), ``mask`` (C_m), and ``words``, the defect's
+    words inside C_def (whose attention refines the mask, Eq. 13). The paper does not say how the parts are built;
+    here fixed templates with {product} and {defect}: the type's words from ``type_words`` if it names the type (MVTec
+    LOCO's ``logical_anomalies`` -> "missing or misplaced part"), else its name with underscores as spaces."""
+    named = (cfg_prompt.get("type_words") or {}) if hasattr(cfg_prompt, "get") else {}
+    words = {"product": product.replace("_", " "),
+             "defect": str(named[anomaly_type]) if anomaly_type in named else anomaly_type.replace("_", " ")}
+    return {**{k: str(cfg_prompt[k]).format(**words) for k in ("defect", "background", "mask")},
+            "words": words["defect"]}
 
 
 def latent_region(masks: torch.Tensor, size: int) -> torch.Tensor:
@@ -195,11 +204,247 @@ def train(cfg: DictConfig, run_dir: Path) -> Path:
     return run_dir
 
 
+# --------------------------------------------------------------------------------------------------- generate
+EPS_TIMESTEPS, MASK_SOURCES, REFINE_TOKENS, REFINE_NORMALIZE = ("previous", "target"), ("train", "dir"), \
+    ("defect_words", "non_start"), ("none", "max")
+
+
+def _choice(value, allowed: Sequence[str], key: str) -> str:
+    if str(value) not in allowed:
+        raise ValueError(f"{key} must be one of {', '.join(allowed)}, got '{value}'.")
+    return str(value)
+
+
+def masked_eps(comp: SDComponents, layers: Sequence[str], context: torch.Tensor, part_length: int,
+               mask: torch.Tensor, store=None) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+    """eps_theta(z, t, context) under the masked cross-attention of Eq. 10-11 with the image-resolution ``mask``
+    (B', H, W), B' dividing the batch (a batch of [C1 rows; C2 rows] repeats it)."""
+    def eps(z: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        m = mask if mask.shape[0] == z.shape[0] else mask.repeat(z.shape[0] // mask.shape[0], 1, 1)
+        with attention_control(comp.unet, layers, store=store, edit=masked_cross_attention(m, part_length)):
+            return comp.unet(z, t, encoder_hidden_states=context).sample
+    return eps
+
+
+def invert_masked(comp: SDComponents, scheduler, c2: torch.Tensor, part_length: int, z0: torch.Tensor,
+                  mask: torch.Tensor, steps: int, eps_timestep: str = "previous", fixed_point_iters: int = 0,
+                  progress: bool = False) -> list[torch.Tensor]:
+    """Eq. 8: the masked DDIM inversion of z_0^m = (1 - m) z_0 with C2, the noise prediction applied only outside the
+    latent mask m, on :func:`core.diffusion.ddim_invert` (its update is Eq. 8's: sqrt(abar_t / abar_{t-1}) z +
+    (sqrt(1 - abar_t) - sqrt(abar_t (1 - abar_{t-1}) / abar_{t-1})) eps). ``eps_timestep``: ``previous`` evaluates eps at
+    the level the step starts from, eps(z~_{t-1}, t-1) as Eq. 8 prints it; ``target`` at the level it goes to (the
+    approximation ``ddim_invert`` makes by default; with ``fixed_point_iters`` > 0 the implicit step). ``mask``: (B, H, W)
+    at image resolution. Returns the path [z~ at the final level, z~_{t_1}, ..., z~_T^m]."""
+    m = latent_region(mask[:, None], z0.shape[-1]).to(z0.dtype)
+    eps = masked_eps(comp, cross_attention_layers(comp.unet), c2.expand(z0.shape[0], -1, -1), part_length, mask)
+    scheduler.set_timesteps(steps)
+    ascending = [int(t) for t in scheduler.timesteps.flip(0)]
+    if eps_timestep == "previous":
+        if fixed_point_iters:
+            raise ValueError("method.generate.inversion.fixed_point_iters > 0 solves the implicit step at the target "
+                             "level; it needs method.generate.inversion.eps_timestep=target.")
+        earlier = {t: (ascending[i - 1] if i else 0) for i, t in enumerate(ascending)}
+        eps_fn = lambda z, t: (1 - m) * eps(z, torch.as_tensor(earlier[int(t)], device=z.device))  # noqa: E731
+    else:
+        eps_fn = lambda z, t: (1 - m) * eps(z, t)  # noqa: E731
+    return ddim_invert(eps_fn, scheduler, (1 - m) * z0, None, fixed_point_iters, return_trajectory=True,
+                       progress=progress)
+
+
+def sample_eq9(comp: SDComponents, scheduler, c1: torch.Tensor, c2: torch.Tensor, part_length: int,
+               z_start: torch.Tensor, mask: torch.Tensor, c2_mode: str = "masked", recorder: DefectAttention | None = None,
+               record_window: tuple[float, float] = (0.0, 1.0), progress: bool = False,
+               return_path: bool = False) -> torch.Tensor | tuple[torch.Tensor, list[torch.Tensor]]:
+    """Eq. 9 from z_T* over the scheduler's timesteps (those of the inversion): at each step one U-Net call on
+    [z_t*; c2_input(z_t*)] with [C1; C2] under the masked cross-attention, eps = (1 - m) eps_C2 + m eps_C1, and the
+    deterministic DDIM step (:func:`bgdefect.model.sampling_step`) down to the next level (the last to the scheduler's
+    final level, where the inversion started). ``recorder`` records the C1 rows' C_def attention during the steps
+    whose index / number of steps lies in ``record_window``. Returns z_0* (and the path [z_T*, ..., z_0*])."""
+    B = z_start.shape[0]
+    m = latent_region(mask[:, None], z_start.shape[-1]).to(z_start.dtype)
+    ctx = torch.cat([c1.expand(B, -1, -1), c2.expand(B, -1, -1)])
+    eps = masked_eps(comp, cross_attention_layers(comp.unet), ctx, part_length, mask, store=recorder)
+    abar = scheduler.alphas_cumprod.to(torch.float64)
+    ts = [int(t) for t in scheduler.timesteps]
+    final = torch.as_tensor(scheduler.final_alpha_cumprod, dtype=torch.float64)
+    z, path = z_start, [z_start]
+    for i, t in enumerate(tqdm(ts, desc="Eq. 9 sampling", disable=not progress, leave=False)):
+        if recorder is not None:
+            recorder.active = record_window[0] <= i / len(ts) < record_window[1]
+        tt = torch.full((2 * B,), t, device=z.device)
+        e1, e2 = eps(torch.cat([z, c2_input(z, m, c2_mode)]), tt).chunk(2)
+        a_prev = abar[ts[i + 1]] if i + 1 < len(ts) else final
+        z = sampling_step(z, e1, e2, abar[t], a_prev, m)
+        path.append(z)
+    return (z, path) if return_path else z
+
+
+def refined_masks(recorder: DefectAttention, mask: torch.Tensor, normalize: str = "none",
+                  threshold: float = 0.5) -> torch.Tensor:
+    """Eq. 13 on the recorded C_def attention: m* = [Resize(m' * A_def) >= threshold] at the image's size, m' the
+    mask at the map's side. ``normalize=max`` divides each image's map by its maximum first (threshold = half of
+    the peak); ``none`` is Eq. 13 as printed. Returns (B, H, W) bool."""
+    a = recorder.mean_map()
+    m_prime = resized_mask(mask, a.shape[-1]).to(a)
+    a = m_prime * a
+    if normalize == "max":
+        a = a / a.flatten(1).amax(1).clamp(min=1e-12)[:, None, None]
+    return refine_mask(a, m_prime, tuple(mask.shape[-2:]), threshold)
+
+
+def generation_config(cfg: DictConfig, fold) -> dict:
+    g = cfg.method.generate
+    return {"method": "bgdefect", "product": str(cfg.product), "fold": fold, "seed": int(cfg.seed),
+            "generate": OmegaConf.to_container(g, resolve=True), "prompt": OmegaConf.to_container(cfg.method.prompt),
+            "steps_cap": (cfg.get("limits") or {}).get("num_inference_steps"),
+            "checkpoint": run_identity(cfg.checkpoint) if cfg.get("checkpoint") else None}
+
+
+def load_run(run_dir: Path, product: str) -> dict:
+    """The run's record (types, prompts, training images), checked to be a finished bgdefect run of ``product``."""
+    fix = (f"train it with scripts/train.py method=bgdefect product={product} split.fold=<0|1> "
+           f"hydra.run.dir={run_dir} (a rerun resumes).")
+    if not (run_dir / META).is_file():
+        raise FileNotFoundError(f"{run_dir} holds no bgdefect training run (no {META}). Fix: pass checkpoint=<the run "
+                                f"directory of scripts/train.py method=bgdefect ...>, or {fix}")
+    meta = read_run_json(run_dir / META, "the run's types and training images", fix)
+    if meta.get("product") != product:
+        raise ValueError(f"{run_dir} was trained on '{meta.get('product')}', not on '{product}'. Fix: "
+                         f"product={meta.get('product')}, or train a run on {product}.")
+    unfinished = [t for t in meta["types"] if not is_slim(run_dir / "types" / t / "generator")]
+    if unfinished:
+        raise FileNotFoundError(f"{run_dir} has no finished generator for type(s) {unfinished}. Fix: {fix}")
+    return meta
+
+
 def generate(cfg: DictConfig, checkpoint: Path | None, out_dir: Path) -> Path:
-    from core.registry import MethodNotImplementedError
-    raise MethodNotImplementedError("bgdefect's generation (masked DDIM inversion, Eq. 8-9, and the mask refinement, "
-                                    "Eq. 13) is not implemented yet: it is the open part of its issue. Training works.")
+    """N image-mask pairs per defect type of the run's product, each on a random normal training image with a target
+    mask (one of the type's training masks, or a given one): the masked DDIM inversion of the normal image (Eq. 8),
+    the start z_T* (Theorem 3.2), Eq. 9 with the type's U-Net, and the mask refined from the C_def attention
+    (Eq. 13); written through :class:`core.export.GeneratedWriter` (resumable; every record names the run's fold)."""
+    if checkpoint is None:
+        raise FileNotFoundError("bgdefect generates with a trained run: pass checkpoint=<the run directory of "
+                                "scripts/train.py method=bgdefect ...>.")
+    run_dir, product = Path(checkpoint), str(cfg.product)
+    meta = load_run(run_dir, product)
+    g = cfg.method.generate
+    c2_mode = _choice(g.c2_input, C2_INPUTS, "method.generate.c2_input")
+    inv = g.inversion
+    eps_timestep = _choice(inv.eps_timestep, EPS_TIMESTEPS, "method.generate.inversion.eps_timestep")
+    mask_source = _choice(g.masks, MASK_SOURCES, "method.generate.masks")
+    ref = g.refine
+    tokens_rule = _choice(ref.tokens, REFINE_TOKENS, "method.generate.refine.tokens")
+    normalize = _choice(ref.normalize, REFINE_NORMALIZE, "method.generate.refine.normalize")
+    window = tuple(float(x) for x in ref.steps)
+    if len(window) != 2 or not 0 <= window[0] < window[1] <= 1:
+        raise ValueError(f"method.generate.refine.steps={list(ref.steps)} must be [start, stop) fractions of the "
+                         f"sampling steps with 0 <= start < stop <= 1, e.g. [0.0, 1.0] for all of them.")
+    shard = current_shard(resolve_device(str(cfg.device)))
+    dtype = inference_dtype(str(g.get("dtype", "fp32")), shard.device)
+    limits = cfg.get("limits") or {}
+    n = positive_int(g.n_per_type if cfg.get("n_per_type") is None else cfg.n_per_type, "n_per_type", 100_000)
+    n = min(n, int(limits["n_per_type"])) if limits.get("n_per_type") else n
+    cap = limits.get("num_inference_steps")
+    steps = min(int(g.num_inference_steps), int(cap)) if cap else int(g.num_inference_steps)
+    types = list(meta["types"])
+    given = given_mask_files(g.get("mask_dir"), types) if mask_source == "dir" else {}
+    normals = training_normals(cfg, product, "background-aware generation inverts them and puts the defects on them")
+    by_type = training_anomalies(cfg, product) if mask_source == "train" else {}
+    for t in by_type:
+        if [str(Path(s.path).resolve()) for s in by_type[t]] != meta["train_anomalies"].get(t):
+            raise ValueError(f"method.generate.masks=train draws the run's training masks of '{t}', but this config's "
+                             f"dataset and split give other images than the run recorded in {run_dir / META}. Fix: "
+                             f"generate with the run's dataset and split (fold {meta.get('fold')}), or "
+                             f"method.generate.masks=dir.")
+    fold = meta.get("fold")
+    open_writer = lambda: GeneratedWriter(out_dir, product, "bgdefect", generation_config(cfg, fold),  # noqa: E731
+                                          str(checkpoint), int(cfg.seed), shard.index, shard.count)
+    writer = open_writer() if shard.is_main else None
+    shard.barrier()
+    writer = writer or open_writer()
+    bs = int(g.batch_size)
+    src_cache: dict[int, torch.Tensor] = {}
+    try:
+        for ty in types:
+            items = [i for i in range(n)]
+            batches = [b for b in shard.take([items[i:i + bs] for i in range(0, n, bs)])
+                       if not all(writer.is_done(ty, i) for i in b)]
+            if not batches:
+                continue
+            comp = load_slim(run_dir / "types" / ty / "generator", cfg.model, shard.device)
+            comp.unet.requires_grad_(False), comp.vae.requires_grad_(False), comp.text_encoder.requires_grad_(False)
+            if dtype != torch.float32:
+                comp.to(dtype=dtype)
+            res = comp.resolution
+            bank = load_pairs(by_type[ty], res)[1][:, 0] if mask_source == "train" else None
+            parts = meta["prompts"][ty]
+            with torch.no_grad():
+                c1, L = two_part_condition(comp.encode_prompt, [parts["defect"]], [parts["background"]])
+                c2, _ = two_part_condition(comp.encode_prompt, [parts["mask"]], [parts["background"]])
+            if tokens_rule == "defect_words":
+                tokens = token_positions(comp.tokenizer, parts["defect"], parts.get("words", ty.replace("_", " ")))
+            else:
+                tokens = list(range(1, L))
+            layers = layers_at(comp.unet, comp.latent_size, [int(r) for r in ref.resolutions])
+            sched = inference_scheduler(comp.scheduler.config, "ddim", str(g.timestep_spacing))
+            todo = sum(1 for b in batches for i in b if not writer.is_done(ty, i))
+            for b in tqdm(batches, desc=f"bgdefect generation ({product}/{ty}, {todo} images)"):
+                gens = [item_generator(int(cfg.seed), product, ty, i) for i in b]
+                src = [int(torch.randint(len(normals), (1,), generator=gen)) for gen in gens]
+                if mask_source == "train":
+                    masks = torch.stack([bank[int(torch.randint(bank.shape[0], (1,), generator=gen))] for gen in gens])
+                else:
+                    files = given[ty]
+                    picked = [files[int(torch.randint(len(files), (1,), generator=gen))] for gen in gens]
+                    masks = torch.stack([(F.interpolate(torch.from_numpy(read_mask([f]).astype("float32"))[None, None],
+                                                        size=(res, res), mode="nearest")[0, 0] > 0.5).float()
+                                         for f in picked])
+                noise = torch.stack([torch.randn(comp.unet.config.in_channels, comp.latent_size, comp.latent_size,
+                                                 generator=gen) for gen in gens])
+                for j in src:
+                    if j not in src_cache:
+                        src_cache[j] = load_normal(normals[j], res)
+                x = torch.stack([src_cache[j] for j in src]).to(shard.device)
+                mk, dev_dtype = masks.to(shard.device), comp.unet.dtype
+                recorder = DefectAttention(tokens, slice(0, len(b)), layers)
+                with torch.no_grad():
+                    z0 = comp.encode_images(x).to(dev_dtype)
+                    z_T = invert_masked(comp, sched, c2, L, z0, mk, steps, eps_timestep, int(inv.fixed_point_iters))[-1]
+                    m = latent_region(mk[:, None], comp.latent_size).to(dev_dtype)
+                    z_star = start_latent(z_T, m, noise.to(shard.device, dev_dtype))
+                    z_out = sample_eq9(comp, sched, c1, c2, L, z_star, mk, c2_mode, recorder, window)
+                    images = comp.decode_latents(z_out).float()
+                    refined = refined_masks(recorder, mk.float(), normalize, float(ref.threshold)) \
+                        if bool(ref.enabled) else mk > 0.5
+                images = (images.permute(0, 2, 3, 1).cpu().numpy() * 255).round().astype("uint8")
+                for k, i in enumerate(b):
+                    if writer.is_done(ty, i):
+                        continue
+                    target, out_mask = mk[k].cpu().numpy() > 0.5, refined[k].cpu().numpy()
+                    fallback = bool(ref.enabled) and not out_mask.any()
+                    if fallback:
+                        out_mask = target
+                    writer.write_anomaly(ty, i, images[k], out_mask, source=normals[src[k]], fold=fold,
+                                         masks=mask_source, target_fraction=round(float(target.mean()), 5),
+                                         mask_fraction=round(float(out_mask.mean()), 5),
+                                         refined=bool(ref.enabled) and not fallback)
+            del comp
+        shard.barrier()
+        if shard.is_main:
+            from core.data import load_folder
+            from core.data.visualize import contact_sheet
+            grid = Path(out_dir) / f"{product}_grid.png"
+            if writer.finalize() or not grid.is_file():
+                contact_sheet(load_folder(out_dir, [product]), grid)
+    finally:
+        writer.close()
+    return Path(out_dir)
 
 
-__all__ = ["generate", "latent_region", "load_pairs", "prompts", "step_batch", "train", "train_type",
-           "training_anomalies"]
+def load_normal(path: str, size: int) -> torch.Tensor:
+    """A normal image as (3, size, size) in [0, 1] (area-style bilinear resize, as the training pairs)."""
+    return PairedTransform(size=size).resize(to_tensor(read_image(path)), False).clamp(0, 1)
+
+
+__all__ = ["generate", "invert_masked", "latent_region", "load_pairs", "load_run", "masked_eps", "prompts",
+           "refined_masks", "sample_eq9", "step_batch", "train", "train_type", "training_anomalies"]

@@ -13,18 +13,21 @@ Pure tensors and attention edits: no Hydra, no file I/O (the loops will live in 
   Lemma 3.1's background reconstruction: :func:`background_from_masked`.
 - Masked DDIM inversion, Eq. 8: :func:`inversion_step`; the start z_T* and the sampling step, Eq. 9:
   :func:`start_latent`, :func:`sampling_step`, with the C2 branch's input a choice (:func:`c2_input`).
-- Mask refinement, Eq. 13: :func:`refine_mask`.
+- Mask refinement, Eq. 13: :func:`refine_mask`, on the map :class:`DefectAttention` records during sampling
+  (:func:`token_positions` finds the defect words' tokens).
 
 Notation: abar_t = ``alphas_cumprod[t]`` (the paper's alpha_t), m the binary latent mask (1 on the defect).
 """
 from __future__ import annotations
 
+import math
 from typing import Sequence
 
 import torch
 import torch.nn.functional as F
 
 from core.diffusion import RegionTokenMask
+from core.diffusion.attention import resize_to_queries
 
 C2_INPUTS = ("masked", "literal")
 
@@ -135,6 +138,63 @@ def refine_mask(attention: torch.Tensor, m_prime: torch.Tensor, size: int | tupl
     return up[:, 0] >= threshold
 
 
-__all__ = ["C2_INPUTS", "background_from_masked", "c2_input", "disentanglement_loss", "inversion_step",
-           "masked_cross_attention", "noised_pair", "refine_mask", "sampling_step", "start_latent",
-           "two_part_condition"]
+def token_positions(tokenizer, prompt: str, words: str) -> list[int]:
+    """Positions (in the tokenized ``prompt``, start token at 0) of the tokens of ``words``, which must occur in it
+    once as a contiguous run of tokens: the defect word(s) of C_def whose attention Eq. 13 reads."""
+    ids = tokenizer(prompt, truncation=True, max_length=tokenizer.model_max_length).input_ids
+    sub = tokenizer(words, add_special_tokens=False).input_ids
+    hits = [i for i in range(len(ids) - len(sub) + 1) if sub and ids[i:i + len(sub)] == sub]
+    if len(hits) != 1:
+        raise ValueError(f"The words '{words}' occur {len(hits)} times as tokens of the prompt '{prompt}'; the mask "
+                         f"refinement reads their attention, so they must occur exactly once. Fix: a "
+                         f"method.prompt.defect template with {{defect}} once, or method.generate.refine.tokens=non_start.")
+    return list(range(hits[0], hits[0] + len(sub)))
+
+
+class DefectAttention:
+    """The attention map Eq. 13 refines with, recorded during sampling: for each recorded layer call, the C1 branch's
+    attention (rows ``rows`` of the batch) summed over the C_def tokens ``tokens``, averaged over heads; per layer
+    the mean over the calls made while :attr:`active`. Under :func:`masked_cross_attention` these probabilities are
+    already zero outside each layer's m', so the map is m' * softmax(Q K_def^T) of Eq. 13.
+
+    Duck-types :class:`core.diffusion.AttentionStore` (``record``) for ``attention_control``; keeps running sums, not
+    every call's map."""
+
+    def __init__(self, tokens: Sequence[int], rows: slice, layers: Sequence[str]):
+        self.tokens, self.rows, self.layers = list(tokens), rows, set(layers)
+        self.active = True
+        self.sums: dict[str, torch.Tensor] = {}
+        self.counts: dict[str, int] = {}
+
+    def record(self, layer: str, logits: torch.Tensor, probs: torch.Tensor) -> None:
+        if not self.active or layer not in self.layers:
+            return
+        m = probs[self.rows][..., self.tokens].sum(-1).mean(1).float()   # (B, N)
+        self.sums[layer] = self.sums[layer] + m if layer in self.sums else m
+        self.counts[layer] = self.counts.get(layer, 0) + 1
+
+    def mean_map(self) -> torch.Tensor:
+        """(B, h, w) at the largest recorded side: each layer's mean over its calls, bilinear-resized there, then
+        averaged over layers."""
+        if not self.sums:
+            raise ValueError("No attention was recorded for the mask refinement (no chosen layer ran while recording).")
+        maps = []
+        for layer, total in self.sums.items():
+            m = total / self.counts[layer]
+            side = math.isqrt(m.shape[1])
+            maps.append(m.reshape(-1, side, side))
+        top = max(x.shape[-1] for x in maps)
+        maps = [x if x.shape[-1] == top else F.interpolate(x[:, None], size=(top, top), mode="bilinear",
+                                                           align_corners=False)[:, 0] for x in maps]
+        return torch.stack(maps).mean(0)
+
+
+def resized_mask(mask: torch.Tensor, side: int, threshold: float = 0.5) -> torch.Tensor:
+    """m' of a (B, H, W) mask at a map of ``side`` x ``side``: area average >= ``threshold``, the rule
+    :class:`core.diffusion.RegionTokenMask` masks each layer with."""
+    return (resize_to_queries(mask, side * side) >= threshold).float().reshape(-1, side, side)
+
+
+__all__ = ["C2_INPUTS", "DefectAttention", "background_from_masked", "c2_input", "disentanglement_loss",
+           "inversion_step", "masked_cross_attention", "noised_pair", "refine_mask", "resized_mask", "sampling_step",
+           "start_latent", "token_positions", "two_part_condition"]

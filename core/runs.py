@@ -106,6 +106,14 @@ def resolve_device(name: str) -> torch.device:
     return device
 
 
+def item_generator(seed: int, *parts: Any) -> torch.Generator:
+    """Per-item randomness of a generation run, a pure function of ``seed`` and the item's name (``parts``, joined
+    with "/"): an item's result does not depend on batching, on sharding, or on which items a resumed run still has
+    to make."""
+    key = "/".join(str(p) for p in (seed, *parts)).encode()
+    return torch.Generator().manual_seed(int.from_bytes(hashlib.sha256(key).digest()[:7], "little"))
+
+
 def positive_int(value: Any, key: str, maximum: int | None = None) -> int:
     """A config value that must be a whole number >= 1 (and <= ``maximum``), or a one-line error naming ``key``."""
     ok = not isinstance(value, bool) and isinstance(value, (int, float, str))

@@ -35,7 +35,7 @@ from core.export import GeneratedWriter
 from core.io import atomic_write, load_weights, read_run_json, read_run_safetensors, write_json
 from core.models import SDComponents, load_diffusers_dir, load_model
 from core.models.slim import is_slim, load_slim, save_slim, weights_hash
-from core.runs import positive_int, resolve_device, run_identity
+from core.runs import item_generator as core_item_generator, positive_int, resolve_device, run_identity
 from core.shard import current_shard
 
 from .model import (RefinedMaskPrediction, SeaSLoss, UAPrompt, add_ua_tokens, anomaly_probability, da_layers, da_loss,
@@ -704,12 +704,8 @@ def source_index(rule: str, n_sources: int, index: int, gen: torch.Generator, ba
 
 
 def item_generator(seed: int, anomaly_type: str | None, index: int) -> torch.Generator:
-    """Per-item randomness (source normal image, start noise): an item's result does not depend on batching or on
-    which items a resumed run still has to make."""
-    import hashlib
-
-    key = f"{seed}/{anomaly_type or 'good'}/{index}".encode()
-    return torch.Generator().manual_seed(int.from_bytes(hashlib.sha256(key).digest()[:7], "little"))
+    """Per-item randomness (source normal image, start noise), :func:`core.runs.item_generator` of the item."""
+    return core_item_generator(seed, anomaly_type or "good", index)
 
 
 def generation_config(cfg: DictConfig) -> dict:

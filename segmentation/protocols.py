@@ -87,12 +87,34 @@ def resolve_image_size(cfg: DictConfig, table: Sequence[Sample]) -> int:
     return size
 
 
+def generated_folders(cfg: DictConfig) -> dict[int, Path]:
+    """The generated folder of each fold: ``generated=<dir>`` serves every fold; a path with ``{fold}`` in it names
+    one folder per fold (``"generated='runs/bg/gen_fold{fold}'"``: quoted, braces are Hydra syntax), for methods whose generator is trained per fold
+    (bgdefect: fold f's generator has seen the anomalies fold 1-f tests on, so it may only serve fold f)."""
+    g = str(cfg.generated)
+    return {int(f): Path(g.replace("{fold}", str(int(f)))).expanduser() for f in cfg.protocol.folds}
+
+
+def check_generated_fold(records: Sequence[dict], folder: Path, fold: int, per_fold: bool) -> None:
+    """Refuse a generated folder whose records say it was made by a generator trained on another fold (its training
+    anomalies are this fold's test anomalies), or made per fold but given as one folder for several folds."""
+    made = sorted({int(r["fold"]) for r in records if r.get("fold") is not None})
+    if not made:
+        return
+    if made != [fold]:
+        how = ("Fix: generate one folder per fold (one from each fold's run) and name them with {fold}, quoted for "
+               "Hydra: \"generated='runs/gen_fold{fold}'\"" if not per_fold else
+               f"Fix: point the fold-{fold} folder at the output of the fold-{fold} run")
+        raise DatasetError(f"generated={folder} was made by generator(s) trained on fold(s) {made}, but it is used for "
+                           f"fold {fold}, whose test anomalies such a generator trained on. {how}.")
+
+
 def arm_label(cfg: DictConfig, arm: str) -> str:
     if arm != "generated":
         return arm
     if cfg.get("label"):
         return str(cfg.label)
-    manifest = Path(cfg.generated).expanduser() / "manifest.jsonl"
+    manifest = next(iter(generated_folders(cfg).values())) / "manifest.jsonl"
     if manifest.is_file():
         with manifest.open() as f:
             first = f.readline()
@@ -409,14 +431,16 @@ def drop_checkpoint(run_dir: Path, tag: str) -> None:
         ckpt.parent.rmdir()
 
 
-def data_identity(cfg: DictConfig, table: Sequence[Sample], generated: Sequence[Sample] | None) -> dict:
-    """What an evaluation's numbers depend on beyond its config: the dataset's and the generated folder's files
-    (names and sizes)."""
+def data_identity(cfg: DictConfig, table: Sequence[Sample], generated: dict[int, Sequence[Sample]] | None) -> dict:
+    """What an evaluation's numbers depend on beyond its config: the dataset's and each fold's generated folder's
+    files (names and sizes)."""
     def files(samples):
         return [p for s in samples for p in (s.path, *s.mask_paths)]
     out = {"dataset": files_identity(cfg.dataset.get("root") or "/", files(table))}
     if generated is not None:
-        out["generated"] = files_identity(Path(cfg.generated).expanduser(), files(generated))
+        folders = generated_folders(cfg)
+        ids = {str(f): files_identity(folders[f], files(generated[f])) for f in sorted(generated)}
+        out["generated"] = ids if "{fold}" in str(cfg.generated) else next(iter(ids.values()))
     return out
 
 
@@ -435,11 +459,18 @@ def eval_downstream(cfg: DictConfig, run_dir: Path) -> Path:
         split_node = dict(cfg.protocol.split)
         splits[fold] = apply_split(table, split_node.pop("name"), fold=int(fold), **split_node)
     generated = None
-    if "generated" in arms:
-        generated = load_generated(cfg.generated, products, types,
-                                   need_anomalies=True)
-        for split in splits.values():   # before anything is written: no test image of any fold may be trained on
-            check_no_test_leak(generated, [s for s in split.test if s.product in products], cfg.generated)
+    if "generated" in arms:   # fold -> samples; before anything is written: no fold trains on its own test images
+        from core.export import read_manifest
+        folders, per_fold = generated_folders(cfg), "{fold}" in str(cfg.generated)
+        loaded: dict[Path, list[Sample]] = {}
+        generated = {}
+        for fold, folder in folders.items():
+            if folder not in loaded:
+                loaded[folder] = load_generated(folder, products, types, need_anomalies=True)
+            generated[fold] = loaded[folder]
+            check_no_test_leak(generated[fold], [s for s in splits[fold].test if s.product in products], folder)
+            check_generated_fold([r for r in read_manifest(folder) if r.get("product") in products], folder, fold,
+                                 per_fold)
     # a rerun reuses finished units' results: only when the config and the images they were computed on are the same
     check_run_identity(run_dir, cfg, data_identity(cfg, table, generated), what="downstream evaluation")
     save_config(cfg, run_dir)
@@ -453,7 +484,8 @@ def eval_downstream(cfg: DictConfig, run_dir: Path) -> Path:
                 if done.is_file():
                     records += json.loads(done.read_text())
                     continue
-                recs = run_unit(cfg, arm, int(fold), unit, split, generated, size, run_dir, device)
+                recs = run_unit(cfg, arm, int(fold), unit, split, generated and generated[int(fold)], size,
+                                run_dir, device)
                 write_json(done, recs)  # the results file marks the unit done; its checkpoint only served a resume
                 if not cfg.get("keep_checkpoints", False):
                     drop_checkpoint(run_dir, tag)

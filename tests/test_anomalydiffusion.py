@@ -14,7 +14,7 @@ from anomalydiffusion import method as M
 from anomalydiffusion.model import (AnomalyEmbeddings, EmbeddingPrompt, PSPSpatialEncoder, aar_weights_official,
                                     aar_weights_paper, binarize_generated_mask, blend, build_spatial_encoder, dilate,
                                     dilation_radius, hugs_border, latent_mask, masked_diffusion_loss)
-from core.data import DatasetError, load_folder, read_mask
+from core.data import DatasetError, given_mask_files, load_folder, read_mask
 from core.diffusion import ControlledAttnProcessor, TokenReweight
 from core.export import read_manifest
 from core.models import build_random
@@ -465,9 +465,9 @@ def test_one_model_for_two_products_trains_and_generates_a_reloadable_mvtec_tree
         m = read_mask(s.mask_paths)
         assert m.shape == (64, 64) and m.sum() == 4 * 12 * 12 and m[16:40, 8:32].all()
     with pytest.raises(FileNotFoundError, match="no PNG mask for type"):
-        M.given_mask_files(tmp_path / "given", [*types, "scratch_x"])
+        given_mask_files(tmp_path / "given", [*types, "scratch_x"])
     with pytest.raises(ValueError, match="needs method.generate.mask_dir"):
-        M.given_mask_files(None, list(types))
+        given_mask_files(None, list(types))
 
 
 def test_bad_inputs_say_what_to_do(bottle_world, tmp_path, monkeypatch):

@@ -111,6 +111,40 @@ def test_a_rerun_with_other_images_or_another_model_is_refused_not_relabelled(wo
     protocols.eval_downstream(OmegaConf.merge(cfg, {"device": "cpu", "keep_checkpoints": True}), run)
 
 
+def test_two_fold_protocol_takes_one_generated_folder_per_fold_and_refuses_a_generator_of_the_other_fold(world,
+                                                                                                          tmp_path):
+    """bgdefect trains one generator per fold; fold f's generator has trained on the anomalies fold 1-f tests on. So
+    generated=<dir with {fold}> gives each fold its own folder, and a folder whose records name another fold than the
+    one it serves is refused before anything is trained."""
+    import shutil
+    w, gen = world
+    ty = S.PRODUCTS["bottle"].defects[0]
+    for f in (0, 1):
+        d = tmp_path / f"gen_fold{f}"
+        shutil.copytree(gen, d)
+        (d / "manifest.jsonl").write_text(json.dumps({"method": "fakegen", "product": "bottle", "fold": f}) + "\n")
+    (tmp_path / "gen_fold1" / "bottle" / "test" / ty / "0001.png").unlink()    # fold 1's folder: one image fewer
+    (tmp_path / "gen_fold1" / "bottle" / "ground_truth" / ty / "0001_mask.png").unlink()
+    extra = SMALL["unet"] + ["arms=[generated]", "products=[bottle]", "protocol.generated_per_type=2"]
+    protocols.eval_downstream(_cfg(world, "bgdefect", "unet", extra + [f"generated='{tmp_path}/gen_fold{{fold}}'"]),
+                              tmp_path / "run")
+    n = {f: json.loads((tmp_path / "run" / "results" / f"generated_fold{f}_bottle.json").read_text())[0]
+         ["n_train_anomalies"] for f in (0, 1)}
+    T = len(S.PRODUCTS["bottle"].defects)      # real per type: 2 in fold 0, 1 in fold 1 (3 split in halves); 2 generated
+    assert (n[0], n[1]) == (T * (2 + 2), T * (1 + 2) - 1)     # each fold trained on its own folder
+    for given, fold in ((f"{tmp_path}/gen_fold0", 1), (f"{tmp_path}/gen_fold1", 0)):  # one fold's folder for both
+        with pytest.raises(DatasetError, match=rf"trained on fold\(s\) \[{1 - fold}\], but it is used for fold {fold}"
+                                               rf".*generated='runs/gen_fold\{{fold\}}'"):
+            protocols.eval_downstream(_cfg(world, "bgdefect", "unet", extra + [f"generated={given}"]), tmp_path / "x")
+    (tmp_path / "gen_fold0").rename(tmp_path / "swap")
+    (tmp_path / "gen_fold1").rename(tmp_path / "gen_fold0")
+    (tmp_path / "swap").rename(tmp_path / "gen_fold1")
+    with pytest.raises(DatasetError, match="point the fold-0 folder at the output of the fold-0 run"):
+        protocols.eval_downstream(_cfg(world, "bgdefect", "unet", extra + [f"generated='{tmp_path}/gen_fold{{fold}}'"]),
+                                  tmp_path / "y")
+    assert not (tmp_path / "x").exists() and not (tmp_path / "y" / "results").exists()
+
+
 def test_an_all_zero_mask_is_an_error_by_default_and_left_out_on_request(world, tmp_path):
     import shutil
     w, gen = world

@@ -12,9 +12,8 @@ from .mvtec_3d import load_mvtec_3d
 from .mvtec_ad import load_mvtec_ad
 from .mvtec_loco import load_mvtec_loco
 from .splits import PROTOCOLS, Split, apply_split
-from .table import (DatasetError, Sample, anomaly_types, counts, read_image, read_mask, require_masks,
-                    screen_empty_masks,
-                    validate_files)
+from .table import (DatasetError, Sample, anomaly_types, counts, given_mask_files, read_image, read_mask,
+                    require_masks, screen_empty_masks, validate_files)
 from .visa import load_visa
 
 
@@ -74,7 +73,8 @@ def load_dataset(name: str, root: str | Path, products: Iterable[str] | str | No
 
 __all__ = ["DATASETS", "PROTOCOLS", "DatasetError", "Sample", "Split", "anomaly_types", "apply_split", "counts",
            "load_dataset", "load_folder", "load_mvtec_3d", "load_mvtec_ad", "load_mvtec_loco", "load_synthetic",
-           "load_visa", "read_image", "read_mask", "require_masks", "screen_empty_masks", "validate_files"]
+           "load_visa", "given_mask_files", "read_image", "read_mask", "require_masks", "screen_empty_masks",
+           "training_normals", "validate_files"]
 
 
 def load_from_config(dataset_cfg, products: Iterable[str] | str | None = None, validate: bool = True) -> list[Sample]:
@@ -94,3 +94,15 @@ def split_from_config(table: list[Sample], split_cfg) -> Split:
     """Apply a ``split/*.yaml`` node (name plus fold / k / seed)."""
     d = dict(split_cfg)
     return apply_split(table, d.pop("name"), **d)
+
+
+def training_normals(cfg, product: str, why: str) -> list[str]:
+    """The product's normal training images (train/good under ``cfg.split``) as sorted absolute paths: the images a
+    method puts its generated anomalies onto. None is an error saying ``why`` they are needed."""
+    split = split_from_config(load_from_config(cfg.dataset, [product]), cfg.split)
+    normals = sorted(str(Path(s.path).resolve()) for s in split.train if s.label == 0 and s.product == product)
+    if not normals:
+        raise DatasetError(f"Product '{product}' has no normal training images (train/good) in {cfg.dataset.root}: "
+                           f"{why}.")
+    return normals
+

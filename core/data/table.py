@@ -215,6 +215,24 @@ def require_masks(samples: Sequence[Sample], product: str, why: str) -> None:
                            f"{why}: use a dataset with pixel masks (ground_truth/<type>/<name>_mask.png).")
 
 
+def given_mask_files(mask_dir, types: Sequence[str]) -> dict[str, list[Path]]:
+    """``method.generate.masks=dir`` (AnomalyDiffusion, bgdefect): the PNG masks under ``<mask_dir>/<type>/`` for
+    every type (any names; > 0 is the defect), one drawn per item. A missing folder or type is an error naming what to put where."""
+    if not mask_dir:
+        raise ValueError("method.generate.masks=dir needs method.generate.mask_dir=<a folder with one subfolder of "
+                         "PNG masks per anomaly type>.")
+    root = Path(str(mask_dir)).expanduser()
+    if not root.is_dir():
+        raise FileNotFoundError(f"method.generate.mask_dir={root} is not a folder. Expected <mask_dir>/<type>/*.png "
+                                f"for the types {list(types)}.")
+    files = {t: sorted((root / t).glob("*.png")) for t in types}
+    missing = [t for t, f in files.items() if not f]
+    if missing:
+        raise FileNotFoundError(f"method.generate.mask_dir={root} has no PNG mask for type(s) {missing}. Expected "
+                                f"<mask_dir>/<type>/*.png for each of {list(types)}.")
+    return files
+
+
 def screen_empty_masks(samples: Sequence[Sample], policy: str = "error", key: str = "empty_masks") -> list[Sample]:
     """The anomalous ``samples`` whose mask marks no pixel: an error by default (``policy='error'``), naming them and
     the fix; with ``policy='drop'`` they are left out with a warning. Normal samples pass through unread."""
