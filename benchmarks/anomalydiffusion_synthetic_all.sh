@@ -4,7 +4,8 @@
 # official), the generation metrics of each (world-CLIP IS / FID(a) / CLIP score, alignment), and the downstream U-Net
 # under AnomalyDiffusion's protocol: baseline / generated / oracle arms with the AAR-free folder, the generated arm
 # alone for the other two (the baseline and oracle arms are the same runs, seeds included, so they are not trained
-# again). With SEAS_GENERATED set (e.g. runs/seas_v2ft/generated), SeaS's pairs run under the same protocol too.
+# again). The oracle arm gets as many real defects per type as the generator made (50, oracle_per_type=50): the share
+# of the oracle gap compares equal counts. With SEAS_GENERATED set (e.g. runs/seas_v2ft/generated), SeaS's pairs run under the same protocol too.
 # Every step resumes.
 #
 #   bash benchmarks/anomalydiffusion_synthetic_all.sh [run root, default runs/ad_v2] [extra overrides for train.py...]
@@ -27,9 +28,11 @@ for aar in none paper official; do
   arms="[generated]"
   [ "$aar" = none ] && arms="[baseline,generated,oracle]"
   "$PY" scripts/eval_downstream.py experiment=downstream_synthetic protocol=anomalydiffusion downstream=unet \
-    "products=[$LIST]" "arms=$arms" generated="$ROOT/generated_$aar" hydra.run.dir="$ROOT/downstream_$aar"
+    "products=[$LIST]" "arms=$arms" generated="$ROOT/generated_$aar" oracle_per_type=50 \
+    hydra.run.dir="$ROOT/downstream_$aar"
 done
 if [ -n "${SEAS_GENERATED:-}" ]; then
   "$PY" scripts/eval_downstream.py experiment=downstream_synthetic protocol=anomalydiffusion downstream=unet \
-    "products=[$LIST]" "arms=[generated]" generated="$SEAS_GENERATED" hydra.run.dir="$ROOT/downstream_seas"
+    "products=[$LIST]" "arms=[generated]" generated="$SEAS_GENERATED" oracle_per_type=50 \
+    hydra.run.dir="$ROOT/downstream_seas"
 fi

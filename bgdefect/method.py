@@ -279,6 +279,15 @@ def sample_eq9(comp: SDComponents, scheduler, c1: torch.Tensor, c2: torch.Tensor
     return (z, path) if return_path else z
 
 
+def refine_layers(comp: SDComponents, resolutions) -> list[str]:
+    """The cross-attention layers whose C_def maps Eq. 13 averages: those running at ``resolutions`` (sides)."""
+    try:
+        return layers_at(comp.unet, comp.latent_size, [int(r) for r in resolutions])
+    except KeyError as e:
+        raise ValueError(f"method.generate.refine.resolutions={list(resolutions)}: {e.args[0]} Fix: sides from that "
+                         f"list.") from None
+
+
 def refined_masks(recorder: DefectAttention, mask: torch.Tensor, normalize: str = "none",
                   threshold: float = 0.5) -> torch.Tensor:
     """Eq. 13 on the recorded C_def attention: m* = [Resize(m' * A_def) >= threshold] at the image's size, m' the
@@ -385,7 +394,7 @@ def generate(cfg: DictConfig, checkpoint: Path | None, out_dir: Path) -> Path:
                 tokens = token_positions(comp.tokenizer, parts["defect"], parts.get("words", ty.replace("_", " ")))
             else:
                 tokens = list(range(1, L))
-            layers = layers_at(comp.unet, comp.latent_size, [int(r) for r in ref.resolutions])
+            layers = refine_layers(comp, ref.resolutions) if bool(ref.enabled) else []
             sched = inference_scheduler(comp.scheduler.config, "ddim", str(g.timestep_spacing))
             todo = sum(1 for b in batches for i in b if not writer.is_done(ty, i))
             for b in tqdm(batches, desc=f"bgdefect generation ({product}/{ty}, {todo} images)"):

@@ -1,5 +1,5 @@
 """Background-aware defect generation: the equations, next to the paper ("Background-Aware Defect Generation for
-Robust Industrial Anomaly Detection", see bgdefect/README.md; no official code was released).
+Robust Industrial Anomaly Detection", arXiv:2411.16767; no official code was released).
 
 Pure tensors and attention edits: no Hydra, no file I/O (the loops will live in ``bgdefect/method.py``).
 

@@ -493,3 +493,41 @@ def test_generate_errors_name_the_fix(bottle_world, tmp_path):
         with pytest.raises(ValueError, match=msg):
             M.generate(_cfg(bottle_world, **{f"method.generate.{key}": bad}), tmp_path / "run", tmp_path / "gen")
     assert not (tmp_path / "gen").exists()          # nothing written before the settings are checked
+    with pytest.raises(ValueError, match=r"refine.resolutions=\[99\]: .*runs at: \[.*Fix"):
+        M.generate(_cfg(bottle_world, **{"method.generate.refine.resolutions": "[99]"}), tmp_path / "run",
+                   tmp_path / "gen")
+
+
+def test_mvtec_loco_trains_and_generates_with_the_kinds_words_and_unioned_masks(tmp_path):
+    """MVTec LOCO: the two anomaly folders are the types, prompted with the experiment's words; the target mask is
+    the union of an image's ground-truth masks (two squares here), so with refinement off the output mask is it."""
+    import json
+    import numpy as np
+    from PIL import Image
+    from hydra import compose, initialize_config_dir
+    from pathlib import Path
+    from omegaconf import open_dict
+    import trees
+    from bgdefect import method as M
+    from core.runs import train
+    root = trees.mvtec_loco(tmp_path / "loco")
+    with initialize_config_dir(config_dir=str(Path(__file__).resolve().parents[1] / "configs"), version_base="1.3"):
+        cfg = compose("train", ["experiment=bgdefect_mvtec_loco", "model=tiny", f"dataset.root={root}",
+                                "product=breakfast_box", "method.train.steps_per_type=1",
+                                "method.generate.num_inference_steps=2", "method.generate.n_per_type=1",
+                                "method.generate.refine.enabled=false"])
+    train(cfg, tmp_path / "run")
+    meta = json.loads((tmp_path / "run" / M.META).read_text())
+    assert meta["types"] == ["logical_anomalies", "structural_anomalies"]
+    assert meta["prompts"]["logical_anomalies"]["defect"] == "a photo of a missing or misplaced part defect"
+    with open_dict(cfg):
+        cfg.checkpoint = str(tmp_path / "run")
+    M.generate(cfg, tmp_path / "run", tmp_path / "gen")
+    recs = [json.loads(x) for x in (tmp_path / "gen" / "manifest.jsonl").read_text().splitlines()]
+    assert len(recs) == 2
+    for r in recs:
+        got = np.array(Image.open(tmp_path / "gen" / r["mask"])) > 0
+        want = np.zeros((64, 64), bool)            # the tree's squares (1, 1, 4) and (9, 9, 5) of 16 px, at 64 px
+        want[4:20, 4:20] = True
+        want[36:56, 36:56] = True
+        assert (got == want).all()
