@@ -36,7 +36,7 @@ from core.data.torch_dataset import to_tensor
 from core.diffusion import TokenReweight, attention_control, cfg_eps, cross_attention_layers, \
     inference_scheduler, noise_to, sample
 from core.engine import Engine, EngineSpec, inference_dtype, make_adamw
-from core.export import GeneratedWriter
+from core.export import GeneratedWriter, item_masks
 from core.io import atomic_write, load_weights, read_run_json, read_run_safetensors, write_json
 from core.models import SDComponents, load_model
 from core.models.slim import weights_hash
@@ -624,9 +624,10 @@ def generate(cfg: DictConfig, checkpoint: Path | None, out_dir: Path) -> Path:
     if aar not in AAR_KINDS:
         raise ValueError(f"method.generate.aar must be one of {AAR_KINDS}, got '{aar}'.")
     mask_source = str(g.masks)
-    if mask_source not in ("generated", "train", "dir"):
+    if mask_source not in ("generated", "train", "dir", "folder"):
         raise ValueError(f"method.generate.masks must be 'generated' (the mask embeddings), 'train' (the type's "
-                         f"training masks, augmented) or 'dir' (given masks, method.generate.mask_dir), got "
+                         f"training masks, augmented), 'dir' (given masks, method.generate.mask_dir) or 'folder' "
+                         f"(item by item from an earlier generated folder, method.generate.mask_folder), got "
                          f"'{mask_source}'.")
     shard = current_shard(resolve_device(str(cfg.device)))
     device = shard.device
@@ -661,6 +662,9 @@ def generate(cfg: DictConfig, checkpoint: Path | None, out_dir: Path) -> Path:
     prompt = prompt_for(comp, OmegaConf.create(run.meta["prompt"]), n_vec, product)
     mprompt = EmbeddingPrompt(comp.tokenizer, str(run.meta["mask_prompt"]["template"]),
                               int(run.meta["mask_prompt"]["tokens"]), str(run.meta["prompt"]["placeholder"]))
+    folder_masks = item_masks(g.get("mask_folder"), product, [(k.split("/", 1)[1], i) for k in keys
+                                                              for i in range(n)], "method.generate.mask_folder") \
+        if mask_source == "folder" else {}
     train_masks: dict[str, torch.Tensor] = {}   # method.generate.masks=train: each key's masks, loaded when needed
     open_writer = lambda: GeneratedWriter(out_dir, product, "anomalydiffusion", generation_config(cfg),  # noqa
                                           str(checkpoint), int(cfg.seed), shard.index, shard.count)
@@ -691,10 +695,13 @@ def generate(cfg: DictConfig, checkpoint: Path | None, out_dir: Path) -> Path:
                     bank = train_masks[key]
                     j = int(torch.randint(bank.shape[0], (1,), generator=gen))
                     masks[r] = augment_pair(bank[j], bank[j], gen, True, float(aug.rotate), float(aug.crop_min))[1]
-            elif mask_source == "dir":
+            elif mask_source in ("dir", "folder"):
                 for r, ((ty, i), gen) in enumerate(zip(b, gens)):
-                    files = given_masks[ty]
-                    path = files[int(torch.randint(len(files), (1,), generator=gen))]
+                    if mask_source == "folder":
+                        path = folder_masks[(ty, i)]
+                    else:
+                        files = given_masks[ty]
+                        path = files[int(torch.randint(len(files), (1,), generator=gen))]
                     m = torch.from_numpy(read_mask([path]).astype(np.float32))[None, None]
                     masks[r] = (F.interpolate(m, size=(comp.resolution,) * 2, mode="nearest")[0] > 0.5).float()
             else:

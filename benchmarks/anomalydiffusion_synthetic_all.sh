@@ -21,8 +21,12 @@ if [ ! -f "$ROOT/train/done" ]; then
 fi
 for aar in none paper official; do
   for p in "${PRODUCTS[@]}"; do
+    # the AAR variants reuse the masks of the AAR-free run item by item (the mask of item (type, i) does not depend
+    # on AAR: it comes from its own stream), so the three folders differ only in the re-weighting
+    masks=()
+    [ "$aar" != none ] && masks=(method.generate.masks=folder "method.generate.mask_folder=$ROOT/generated_none")
     "$PY" scripts/generate.py checkpoint="$ROOT/train" product="$p" out_dir="$ROOT/generated_$aar" \
-      method.generate.aar="$aar"
+      method.generate.aar="$aar" "${masks[@]}"
   done
   "$PY" scripts/eval_generation.py generated="$ROOT/generated_$aar" hydra.run.dir="$ROOT/eval_generation_$aar"
   arms="[generated]"

@@ -34,7 +34,7 @@ import json
 import os
 import re
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 import numpy as np
 from PIL import Image
@@ -103,6 +103,27 @@ def read_manifest(root: str | Path) -> list[dict]:
     """The records of ``root/manifest.jsonl`` and of any unmerged shard manifests (a torn last line, from a killed
     run, is ignored)."""
     return [r for path in (Path(root) / MANIFEST, *shard_manifests(root)) for r in _read_records(path)]
+
+
+def item_masks(root: str | Path, product: str, items: Sequence[tuple[str, int]], key: str = "mask_folder"
+               ) -> dict[tuple[str, int], Path]:
+    """The mask files that the generated folder ``root`` holds for ``product``'s anomaly items ``(type, index)``
+    (``method.generate.masks=folder``: a second run reuses a first run's masks item by item, e.g. AnomalyDiffusion's
+    AAR variants on the same masks). A missing folder, or an item it does not hold, is an error naming both."""
+    root = Path(str(root)).expanduser()
+    records = read_manifest(root) if root.is_dir() else []
+    if not records:
+        raise FileNotFoundError(f"{key}={root} is not a generated folder (no manifest.jsonl there). Expected the "
+                                f"out_dir of an earlier scripts/generate.py run on product '{product}'.")
+    have = {(r["anomaly_type"], int(r["index"])): root / r["mask"] for r in records
+            if r.get("product") == product and r["kind"] == "anomaly" and r.get("mask")}
+    missing = [it for it in items if it not in have or not have[it].is_file()]
+    if missing:
+        raise FileNotFoundError(f"{key}={root} has no mask for {len(missing)} of the {len(items)} items of "
+                                f"'{product}' (first: type '{missing[0][0]}', index {missing[0][1]}). Fix: finish "
+                                f"that run (rerun its scripts/generate.py), or ask for at most as many items per type "
+                                f"as it made.")
+    return {it: have[it] for it in items}
 
 
 @contextlib.contextmanager

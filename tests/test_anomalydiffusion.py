@@ -431,9 +431,9 @@ def test_one_model_for_two_products_trains_and_generates_a_reloadable_mvtec_tree
     assert {k.split("/")[0] for k in meta["keys"]} == {"bottle", "pill"}
 
     def gen(product, out, **extra):
+        extra = {"n_per_type": 2, "method.generate.masks": "train", **extra}
         ov = ["method=anomalydiffusion", "model=tiny", f"checkpoint={run}", f"out_dir={out}", f"product={product}",
-              "n_per_type=2", "method.generate.masks=train", "method.generate.aar=official",
-              "limits.num_inference_steps=3", *[f"{k}={v}" for k, v in extra.items()]]
+              "method.generate.aar=official", "limits.num_inference_steps=3", *[f"{k}={v}" for k, v in extra.items()]]
         with initialize_config_dir(config_dir=str(REPO / "configs"), version_base="1.3"):
             return generate(compose("generate", ov), out, ov)
     out = tmp_path / "out"
@@ -464,6 +464,22 @@ def test_one_model_for_two_products_trains_and_generates_a_reloadable_mvtec_tree
     for s in load_folder(tmp_path / "out3", ["pill"]):
         m = read_mask(s.mask_paths)
         assert m.shape == (64, 64) and m.sum() == 4 * 12 * 12 and m[16:40, 8:32].all()
+    # masks of an earlier folder, item by item (masks=folder): each item gets the mask that item got there
+    gen("pill", tmp_path / "out4", **{"method.generate.masks": "folder", "method.generate.mask_folder": out})
+    first = {(s.anomaly_type, Path(s.path).name): s for s in table}
+    again = load_folder(tmp_path / "out4", ["pill"])
+    assert len(again) == len(first)
+    for s in again:
+        ref = first[(s.anomaly_type, Path(s.path).name)]
+        assert np.array_equal(read_mask(s.mask_paths), read_mask(ref.mask_paths))
+    assert len({read_mask(s.mask_paths).tobytes() for s in again}) > 1     # not one mask for every item
+    with pytest.raises(FileNotFoundError, match=rf"no mask for {len(types)} of the {3 * len(types)} items of 'pill'"):
+        gen("pill", tmp_path / "out5", n_per_type=3,
+            **{"method.generate.masks": "folder", "method.generate.mask_folder": out})
+    assert not list((tmp_path / "out5").rglob("*.png"))     # refused before anything was drawn
+    with pytest.raises(FileNotFoundError, match="not a generated folder"):
+        gen("pill", tmp_path / "out6", **{"method.generate.masks": "folder",
+                                          "method.generate.mask_folder": tmp_path / "given"})
     with pytest.raises(FileNotFoundError, match="no PNG mask for type"):
         given_mask_files(tmp_path / "given", [*types, "scratch_x"])
     with pytest.raises(ValueError, match="needs method.generate.mask_dir"):
