@@ -86,3 +86,15 @@ def test_load_dataset_registry_and_product_filter(tmp_path):
     assert {s.product for s in table} == {"widget"}
     with pytest.raises(ValueError, match="Available: synthetic, mvtec_ad"):
         load_dataset("mvtecc", root)
+
+
+def test_an_rgb_mask_is_read_on_every_channel(tmp_path):
+    from PIL import Image
+    rgb = np.zeros((4, 6, 3), np.uint8)
+    rgb[0, 0, 0] = 255      # R
+    rgb[1, 2, 1] = 9        # G only
+    rgb[3, 5, 2] = 1        # B only
+    Image.fromarray(rgb).save(tmp_path / "m.png")
+    want = np.zeros((4, 6), bool)
+    want[0, 0] = want[1, 2] = want[3, 5] = True
+    assert np.array_equal(read_mask([tmp_path / "m.png"]), want)

@@ -200,3 +200,17 @@ def test_logit_reweighting_by_a_spatial_map_matches_by_hand(tiny):
         with attention_control(tiny.unet, [name], edit=TokenReweight([2], w, on="logits")):
             got = attn(x, encoder_hidden_states=ctx)
     torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
+
+
+def test_mean_map_averages_calls_and_layers_hand_worked():
+    # two layers on a 2 x 2 grid with 3 tokens, three calls each, batch 2; values chosen so sums and means differ
+    store = AttentionStore()
+    rows = lambda v: torch.full((2, 4, 3), float(v))  # noqa: E731  (B, N, L) as recorded
+    store.maps = {"a": [rows(1), rows(2), rows(6)], "b": [rows(10), rows(20), rows(30)]}
+    assert store.mean_map().shape == (2, 2, 2, 3)
+    torch.testing.assert_close(store.mean_map(), torch.full((2, 2, 2, 3), (6 + 30) / 2))       # the last call
+    torch.testing.assert_close(store.mean_map(calls=slice(None)), torch.full((2, 2, 2, 3), (3 + 20) / 2))
+    torch.testing.assert_close(store.mean_map(["a"], slice(0, 2)), torch.full((2, 2, 2, 3), 1.5))
+    # the grid is the positions in row-major order
+    store.maps = {"a": [torch.arange(24.).reshape(2, 4, 3)]}
+    torch.testing.assert_close(store.mean_map()[1, 1, 0], torch.tensor([18., 19., 20.]))

@@ -243,3 +243,49 @@ def test_previous_latent_ddpm_is_the_posterior_sample_of_diffusers_ddpm_step():
                                mean + ((1 - a[6]) / (1 - a[7]) * beta).sqrt(), atol=1e-5, rtol=1e-5)
     ddim = previous_latent(sched, z, eps, t, "ddim")
     torch.testing.assert_close(ddim[1], a[6].sqrt() * x0 + (1 - a[6]).sqrt() * eps[1], atol=1e-5, rtol=1e-5)
+
+
+def test_img2img_strength_start_lands_on_the_hand_worked_timestep():
+    # 50 leading steps with offset 1: 981, 961, ..., 741, 721, ... The start is the first timestep at or below
+    # round(strength * T) - 1: 0.742 -> 741 (on it), 0.741 -> 740 -> 721 (the next one down)
+    z0 = torch.zeros(2, 4, 8, 6)
+    eps = torch.ones(2, 4, 8, 6)
+    for strength, first, count in ((0.742, 741, 38), (0.741, 721, 37), (1.0, 981, 50)):
+        sched = _ddim()
+        z, ts = img2img_start(sched, z0, 50, eps, strength=strength)
+        assert int(ts[0]) == first and len(ts) == count
+        torch.testing.assert_close(z, (1 - sched.alphas_cumprod[first]).sqrt() * eps)
+
+
+def test_sample_hands_each_step_the_previous_steps_eps_and_x0(tiny):
+    cond, _ = _cond(tiny)
+    sched = _ddim()
+    sched.set_timesteps(4)
+    made, seen = [], []
+
+    def eps_fn(z, t):
+        e = cfg_eps(tiny.unet, cond.expand(2, -1, -1), None, 1.0)(z, t)
+        made.append(e)
+        return e
+
+    z = torch.randn(2, 4, tiny.latent_size, tiny.latent_size, generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        sample(eps_fn, sched, z, callback=lambda s: seen.append((s.prev_eps, s.prev_x0, s.latents)), progress=False)
+    assert seen[0][0] is None and seen[0][1] is None
+    for i in range(1, 4):
+        assert seen[i][0] is made[i - 1]
+        t = sched.timesteps[i - 1]
+        x0 = sched.step(made[i - 1], t, seen[i - 1][2]).pred_original_sample
+        torch.testing.assert_close(seen[i][1], x0)
+
+
+def test_ddim_inversion_starts_at_the_schedulers_final_level():
+    # with set_alpha_to_one the sampler's last step goes to abar = 1, so the inversion's first step starts there:
+    # z_{t_1} = sqrt(abar_{t_1}) z_0 + sqrt(1 - abar_{t_1}) eps, exactly
+    sched = DDIMScheduler.from_config({**SD_V1_SCHEDULE, "set_alpha_to_one": True})
+    z0 = torch.randn(2, 4, 6, 8, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+    const = lambda z, t: torch.full_like(z, 0.1)  # noqa: E731
+    path = ddim_invert(const, sched, z0, 20, return_trajectory=True, progress=False)
+    a1 = sched.alphas_cumprod[int(sched.timesteps[-1])].double()
+    torch.testing.assert_close(path[1], a1.sqrt() * z0 + (1 - a1).sqrt() * 0.1)
+    torch.testing.assert_close(sample(const, sched, path[-1], progress=False), z0, atol=1e-6, rtol=1e-6)

@@ -196,6 +196,8 @@ def test_image_score_rule_follows_the_protocol(world):
     seas, ad = _cfg(world, "seas"), _cfg(world, "anomalydiffusion")
     assert protocols.score_images(seas, hot).item() == 1.0  # max of the map
     assert protocols.score_images(ad, hot).item() == pytest.approx(1 / 441)  # 21x21 average pool first
+    ad.protocol.pooled_kernel = 5                                             # the protocol's kernel, not 21
+    assert protocols.score_images(ad, hot).item() == pytest.approx(1 / 25)
 
 
 def test_perfect_predictor_scores_one_and_constant_predictor_half(world):

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from core.data import DatasetError, load_folder, validate_files
-from core.export import MANIFEST, OWNER_MARKER, GeneratedWriter, claim_output_dir, read_manifest
+from core.export import MANIFEST, OWNER_MARKER, GeneratedWriter, claim_output_dir, config_hash, read_manifest
 
 
 def _img(v=100):
@@ -32,6 +32,17 @@ def test_written_tree_is_mvtec_layout_and_reloads(tmp_path):
     rec = read_manifest(tmp_path)[0]
     assert rec["method"] == "seas" and rec["checkpoint"] == "run" and rec["seed"] == 3
     assert rec["source"] == "good/000.png" and rec["mask"] == "bottle/ground_truth/crack/0000_mask.png"
+    # the mask PNG holds 0 / 255 as MVTec's do (a 0 / 1 PNG reads as a defect too, but looks black to a person)
+    from PIL import Image
+    raw = np.asarray(Image.open(tmp_path / rec["mask"]))
+    assert raw.dtype == np.uint8 and set(np.unique(raw)) == {0, 255} and np.array_equal(raw == 255, _mask())
+
+
+def test_config_hash_ignores_key_order_and_sees_values():
+    a = {"steps": 25, "guidance": 4.0, "nested": {"x": 1, "y": [1, 2]}}
+    b = {"nested": {"y": [1, 2], "x": 1}, "guidance": 4.0, "steps": 25}
+    assert config_hash(a) == config_hash(b)
+    assert config_hash(a) != config_hash({**a, "steps": 26})
 
 
 def test_resume_skips_finished_items_and_removes_orphans_and_a_torn_line(tmp_path):

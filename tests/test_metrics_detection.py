@@ -115,3 +115,20 @@ def test_integrate_to_interpolates():
     x, y = np.array([0, 0.2, 0.5, 1.0]), np.array([0, 0.5, 1.0, 1.0])
     # up to 0.3: 0.2*0.25 + 0.1*(0.5 + 0.6667)/2
     assert integrate_to(x, y, 0.3) == pytest.approx(0.05 + 0.1 * (0.5 + 0.5 + 0.5 / 3) / 2)
+
+
+def test_iou_counts_a_score_exactly_at_the_threshold_as_predicted_and_pixel_metrics_pass_their_threshold():
+    gt = np.zeros((2, 3, 5), bool)
+    gt[0, 0, :2] = True
+    gt[1, 2, 3:] = True
+    maps = np.zeros((2, 3, 5))
+    maps[0, 0, :2] = 0.5            # exactly at the default threshold: predicted
+    maps[1, 2, 3] = 0.7
+    maps[1, 2, 4] = 0.3
+    assert iou(maps, gt) == pytest.approx(3 / 4)
+    assert iou(maps, gt, threshold=0.3) == pytest.approx(4 / 4)
+    assert iou(maps, gt, threshold=0.6) == pytest.approx(1 / 4)
+    # pixel_metrics hands its iou_threshold to the IoU
+    assert pixel_metrics(maps, gt, with_aupro=False)["pixel_iou"] == pytest.approx(3 / 4)
+    assert pixel_metrics(maps, gt, iou_threshold=0.6, with_aupro=False)["pixel_iou"] == pytest.approx(1 / 4)
+    assert pixel_metrics(maps, gt, iou_threshold=0.3, with_aupro=False)["pixel_iou"] == pytest.approx(1.0)

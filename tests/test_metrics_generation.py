@@ -120,6 +120,28 @@ def test_ic_lpips_empty_cluster_variants_and_masked():
     assert ic_lpips(g, t, l1_distance).value > 0
 
 
+def test_ic_lpips_assigns_each_image_to_its_nearest_target_and_masks_the_targets_too():
+    c = lambda v: torch.full((1, 1, 2, 2), float(v))
+    targets = torch.cat([c(0), c(10)])
+    r = ic_lpips(torch.cat([c(0), c(1), c(2), c(3), c(9)]), targets, l1_distance, ICLPIPSVariant(empty="zero"))
+    assert r.cluster_sizes == [4, 1]                     # the nearest target, not the farthest
+    # IC-LPIPS(a): the targets are masked as well. Masked, target 0 equals the generated anomalies (its far-off
+    # background is masked away); unmasked, target 1 would be the nearer one.
+    gen = torch.zeros(2, 1, 2, 2)
+    gen[:, :, 0] = 5
+    gen[1, :, 0, 0] = 6
+    gen_masks = torch.zeros(2, 1, 2, 2)
+    gen_masks[:, :, 0] = 1
+    t = torch.zeros(2, 1, 2, 2)
+    t[0, :, 0] = 5
+    t[0, :, 1] = 100
+    t_masks = torch.zeros(2, 1, 2, 2)
+    t_masks[:, :, 0] = 1
+    a = ic_lpips_anomaly(gen, gen_masks, t, t_masks, l1_distance, ICLPIPSVariant(empty="zero"))
+    assert a.cluster_sizes == [2, 0]
+    assert a.value == pytest.approx((1 / 4 + 0) / 2)
+
+
 def test_missing_weights_name_the_file(tmp_path, monkeypatch):
     monkeypatch.setenv("TORCH_HOME", str(tmp_path))
     with pytest.raises(MissingWeightsError, match=r"(?s)inception_v3_google-0cc3c7bd.pth.*metrics.inception_weights"):

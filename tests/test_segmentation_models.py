@@ -147,6 +147,9 @@ def test_patchcore_coreset_and_nearest_neighbour_scores():
     maps, scores = pc(torch.cat([normal[:1], odd]))
     assert scores[0] < 1e-4 < scores[1]                                         # a memorised image scores 0
     assert maps[1, 44:52, 44:52].mean() > maps[1, :16, :16].mean()             # the square is where the map is high
+    # the image score is the largest patch distance (with sigma 0 the map interpolates the patch distances, so its
+    # maximum cannot exceed it), far above their mean
+    assert scores[1] >= maps[1].max() - 1e-5 and scores[1] > 3 * maps[1].mean()
 
 
 def test_segmentation_loss_adds_weighted_auxiliary_heads():
@@ -163,3 +166,35 @@ def test_segmentation_loss_adds_weighted_auxiliary_heads():
     assert torch.allclose(segmentation_loss(main, target, spec), F.cross_entropy(main, target.long()))
     focal = TrainSpec(loss="focal", focal_gamma=0.0, aux_weight=0.0)  # gamma 0: the focal loss is cross-entropy
     assert torch.allclose(segmentation_loss((main, [aux]), target, focal), F.cross_entropy(main, target.long()))
+
+
+def test_training_batches_schedules_and_steps_hand_worked():
+    from omegaconf import OmegaConf
+    from segmentation.protocols import train_spec
+    from segmentation.train import TrainSpec, augment, batch_indices, make_optimizer
+    # the anomaly share of a batch is rounded, not truncated: 0.45 of 8 is 4 (3.6)
+    a, n = batch_indices(5, 7, TrainSpec(batch_size=8, anomaly_fraction=0.45), 3)
+    assert (len(a), len(n)) == (4, 4)
+    a, n = batch_indices(5, 7, TrainSpec(batch_size=6, anomaly_fraction=0.2), 3)
+    assert (len(a), len(n)) == (1, 5)
+    # poly: lr (1 - s / S) ** 0.9
+    layer = torch.nn.Linear(2, 2)
+    opt, sched = make_optimizer(layer, TrainSpec(steps=10, lr=0.1, schedule="poly"))
+    lrs = []
+    for _ in range(6):
+        lrs.append(opt.param_groups[0]["lr"])
+        opt.step()
+        sched.step()
+    assert lrs[0] == pytest.approx(0.1) and lrs[5] == pytest.approx(0.1 * 0.5 ** 0.9)
+    # epochs -> steps: ceil(epochs * n_train / batch) (a last partial batch is a step)
+    cfg = OmegaConf.create({"seed": 0, "limits": {}, "downstream": {"train": {"batch_size": 4}},
+                            "protocol": {"train": {"epochs": 3, "steps": None}}})
+    assert train_spec(cfg, 10).steps == 8
+    # augmentation moves image and mask together: an image that is its own mask stays so, for every item
+    m = torch.zeros(8, 1, 6, 6)
+    m[:, :, 0, :3] = 1
+    m[:, :, 1:4, 0] = 1
+    x = m.repeat(1, 3, 1, 1)
+    xs, ms = augment(x, m, torch.Generator().manual_seed(0))
+    assert all(torch.equal(xs[i, :1], ms[i]) for i in range(8))
+    assert len({ms[i].flatten().tolist().__str__() for i in range(8)}) > 2     # it did move them

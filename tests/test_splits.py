@@ -65,3 +65,24 @@ def test_k_shot_seeded(table):
 def test_unknown_protocol(table):
     with pytest.raises(ValueError, match="Available: none, one_third"):
         apply_split(table, "thirds")
+
+
+def test_anomalies_of_the_datasets_train_split_join_the_re_split_pool():
+    # VisA's 1cls.csv puts some anomalies in its train split: the few-shot protocols re-split every anomaly of a type
+    from core.data import Sample
+    rows = [Sample(f"/v/{i:03d}.png", "train" if i < 2 else "test", "pcb", "bad", 1, (f"/v/{i:03d}_m.png",))
+            for i in range(6)] + [Sample("/v/good.png", "train", "pcb", "good", 0)]
+    sp = apply_split(rows, "one_third")
+    assert [s.name for s in sp.train if s.label] == ["000.png", "001.png"]
+    assert [s.name for s in sp.test if s.label] == [f"{i:03d}.png" for i in range(2, 6)]
+    f1 = apply_split(rows, "two_fold", fold=1)
+    assert [s.name for s in f1.test if s.label] == ["000.png", "001.png", "002.png"]
+
+
+def test_k_shot_draws_each_products_shots_from_its_own_stream(tmp_path):
+    both = load_mvtec_ad(trees.mvtec_ad(tmp_path / "m", n_per_type=2, n_train=9))
+    alone = [s for s in both if s.product == "widget"]     # sorted after gridlike: a shared stream would differ
+    for seed in range(4):
+        shots = lambda table: [s.path for s in apply_split(table, "k_shot", k=3, seed=seed).train  # noqa: E731
+                               if s.product == "widget"]
+        assert shots(both) == shots(alone)   # another product in the table changes nothing

@@ -40,3 +40,13 @@ def test_normal_items_have_empty_masks(tmp_path):
     table = load_mvtec_ad(trees.mvtec_ad(tmp_path / "m", products=("widget",)))
     item = AnomalyDataset([s for s in table if s.label == 0])[0]
     assert item["mask"].sum() == 0 and item["label"] == 0
+
+
+def test_each_epoch_draws_new_augmentations(tmp_path):
+    table = load_mvtec_ad(trees.mvtec_ad(tmp_path / "m", products=("widget",)))
+    ds = AnomalyDataset([s for s in table if s.label == 1], PairedTransform(hflip=True, vflip=True, rot90=True), seed=5)
+    views = []
+    for epoch in range(4):
+        ds.set_epoch(epoch)
+        views.append(ds[0]["mask"])
+    assert any(not torch.equal(views[0], v) for v in views[1:])
