@@ -22,3 +22,8 @@ done
 "$PY" scripts/eval_downstream.py experiment=downstream_synthetic protocol=seas downstream=unet \
   "products=[$(IFS=,; echo "${PRODUCTS[*]}")]" "arms=[baseline,generated,oracle]" generated="$ROOT/generated" \
   hydra.run.dir="$ROOT/downstream"
+# the oracle arm again at the generated count (50 real defects per type, as the SeaS arm has 50 generated per type),
+# so that the share of the oracle gap also compares equal counts (the arms above keep 100, as earlier tables)
+"$PY" scripts/eval_downstream.py experiment=downstream_synthetic protocol=seas downstream=unet \
+  "products=[$(IFS=,; echo "${PRODUCTS[*]}")]" "arms=[oracle]" oracle_per_type=50 \
+  hydra.run.dir="$ROOT/downstream_oracle50"

@@ -102,3 +102,26 @@ def test_eval_downstream_one_command_on_a_real_layout_and_a_clear_error_for_a_br
     assert r.returncode == 2
     assert "000.png" in r.stderr and "mask" in r.stderr.lower()
     assert not (tmp_path / "run2" / "checkpoints").exists()  # nothing trained before the folder was checked
+
+
+def test_gap_share_takes_each_arm_from_its_own_run(tmp_path):
+    """benchmarks/gap_share.py: baseline and the generated arm from one run, the oracle from another; hand values."""
+    import importlib.util
+
+    def run(d, rows):
+        d.mkdir()
+        (d / "results.csv").write_text("label,product,fold,metric,value\n" + "".join(
+            f"{lab},{p},0,pixel_ap,{v}\n" for lab, p, v in rows))
+        return d
+    a = run(tmp_path / "a", [("baseline", "pill", 0.1), ("baseline", "cable", 0.2), ("generated", "pill", 0.3),
+                             ("generated", "cable", 0.2), ("oracle", "pill", 0.9), ("oracle", "cable", 0.9)])
+    b = run(tmp_path / "b", [("oracle", "pill", 0.5), ("oracle", "cable", 0.6)])
+    spec = importlib.util.spec_from_file_location("gap_share", REPO / "benchmarks" / "gap_share.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    text = mod.main([f"baseline={a}:baseline", f"seas={a}:generated", f"oracle={b}:oracle", "--metrics", "pixel_ap"])
+    # averaged: baseline 0.15, oracle 0.55, seas 0.25 -> 0.25; per product: pill 0.2 / 0.4 = 0.50, cable 0 / 0.4 = 0.00
+    assert "| Pixel AP | 15.00 | 55.00 | +40.00 | 0.25 |" in text          # in percent, as the tables
+    assert "| pill | 0.50 |" in text and "| cable | 0.00 |" in text
+    with pytest.raises(SystemExit, match="no arm 'oracle'"):
+        mod.main([f"baseline={a}:baseline", f"oracle={tmp_path / 'a'}:oracle_x"])
