@@ -123,5 +123,5 @@ def test_gap_share_takes_each_arm_from_its_own_run(tmp_path):
     # averaged: baseline 0.15, oracle 0.55, seas 0.25 -> 0.25; per product: pill 0.2 / 0.4 = 0.50, cable 0 / 0.4 = 0.00
     assert "| Pixel AP | 15.00 | 55.00 | +40.00 | 0.25 |" in text          # in percent, as the tables
     assert "| pill | 0.50 |" in text and "| cable | 0.00 |" in text
-    with pytest.raises(SystemExit, match="no arm 'oracle'"):
+    with pytest.raises(SystemExit, match="no arm 'oracle_x'"):
         mod.main([f"baseline={a}:baseline", f"oracle={tmp_path / 'a'}:oracle_x"])
