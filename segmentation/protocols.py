@@ -431,13 +431,17 @@ def drop_checkpoint(run_dir: Path, tag: str) -> None:
         ckpt.parent.rmdir()
 
 
-def data_identity(cfg: DictConfig, table: Sequence[Sample], generated: dict[int, Sequence[Sample]] | None) -> dict:
+def data_identity(cfg: DictConfig, table: Sequence[Sample],
+                  generated: dict[int, Sequence[Sample]] | Sequence[Sample] | None) -> dict:
     """What an evaluation's numbers depend on beyond its config: the dataset's and each fold's generated folder's
-    files (names and sizes)."""
+    files (names and sizes). ``generated``: fold -> samples (the downstream suite), or the samples of the one folder
+    ``cfg.generated`` (``eval_generation``, which has no folds)."""
     def files(samples):
         return [p for s in samples for p in (s.path, *s.mask_paths)]
     out = {"dataset": files_identity(cfg.dataset.get("root") or "/", files(table))}
-    if generated is not None:
+    if generated is not None and not isinstance(generated, dict):
+        out["generated"] = files_identity(Path(str(cfg.generated)).expanduser(), files(generated))
+    elif generated is not None:
         folders = generated_folders(cfg)
         ids = {str(f): files_identity(folders[f], files(generated[f])) for f in sorted(generated)}
         out["generated"] = ids if "{fold}" in str(cfg.generated) else next(iter(ids.values()))
