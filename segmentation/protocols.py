@@ -187,7 +187,8 @@ def oracle_samples(cfg: DictConfig, products: Sequence[str], real: Sequence[Samp
     types = {p: sorted({s.anomaly_type for s in real if s.product == p}) for p in products}
     for p in products:
         oracle_tree(root, p, types[p], int(n), seed=int(cfg.dataset.seed), resolution=int(cfg.dataset.resolution))
-    return [s for s in load_folder(root, list(products)) if s.label == 1]
+    # the tree is reused when it holds at least n per type (an earlier run may have asked for more): take the first n
+    return take_per_type([s for s in load_folder(root, list(products)) if s.label == 1], int(n))
 
 
 # ----------------------------------------------------------------------------- one unit
@@ -343,7 +344,7 @@ def run_patchcore(cfg, arm, fold, product, split, generated, size, run_dir, devi
         n = int(cfg.get("oracle_per_type") or 100)
         root = Path(cfg.dataset.root).expanduser().parent / "oracle_normals" / f"seed{cfg.dataset.seed}_res{cfg.dataset.resolution}"
         oracle_tree(root, product, [], 0, n_normals=n, seed=int(cfg.dataset.seed), resolution=int(cfg.dataset.resolution))
-        extra = [s for s in load_folder(root, [product]) if s.label == 0]
+        extra = take_per_type([s for s in load_folder(root, [product]) if s.label == 0], n)
     if cfg.limits.get("n_per_type"):
         extra = extra[: int(cfg.limits.n_per_type)]
     d = cfg.downstream

@@ -75,6 +75,12 @@ def test_every_protocol_runs_end_to_end_with_all_three_arms(world, tmp_path, pro
     n_gen = {"defectdiffu": 2 * n_real}.get(protocol, 2)
     assert by_arm["generated"]["n_train_anomalies"] == n_types * (n_gen + (n_real if with_real else 0))
     assert by_arm["oracle"]["n_train_anomalies"] == by_arm["generated"]["n_train_anomalies"]
+    if protocol == "anomalydiffusion":
+        # the oracle tree, once written with 2 per type, serves a smaller count with exactly that many
+        fewer = protocols.eval_downstream(_cfg(world, protocol, downstream, [*SMALL[downstream], "oracle_per_type=1"]),
+                                          tmp_path / "one")
+        one = [r for f in (fewer.parent / "results").glob("*.json") for r in json.loads(f.read_text())]
+        assert {r["n_train_anomalies"] for r in one if r["product"] == "bottle" and r["arm"] == "oracle"} == {n_types}
     assert by_arm["baseline"]["n_train_normals"] == (0 if protocol == "defectdiffu" else 4)
     assert (tmp_path / "results.csv").is_file() and (tmp_path / "table_summary.csv").is_file()
     assert any((tmp_path / "grids").glob("*.png"))
