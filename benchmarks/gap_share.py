@@ -1,12 +1,13 @@
 """The share of the baseline -> oracle gap that each arm closes, with the arms taken from several downstream runs.
 
 Each argument is ``NAME=RUN_DIR:LABEL``: the arm ``LABEL`` (baseline, generated, oracle, ...) of the downstream run
-in ``RUN_DIR`` (its ``results.csv``), shown as ``NAME``. Two names are special, as in ``eval_downstream``'s own
+in ``RUN_DIR`` (its ``results.csv``; a generated arm is labelled by its generator's method, e.g. ``seas``), shown as
+``NAME``. Two names are special, as in ``eval_downstream``'s own
 table: ``baseline`` and ``oracle``. Use it to compare arms trained in different runs, e.g. an oracle arm at another
 count of real defects (the runs must share the protocol, products and test images; the script checks the products).
 
     python benchmarks/gap_share.py baseline=runs/seas_v2ft/downstream:baseline \\
-        seas=runs/seas_v2ft/downstream:generated oracle=runs/seas_v2ft/downstream_oracle50:oracle
+        seas=runs/seas_v2ft/downstream:seas oracle=runs/seas_v2ft/downstream_oracle50:oracle
 """
 from __future__ import annotations
 
