@@ -125,3 +125,21 @@ def test_gap_share_takes_each_arm_from_its_own_run(tmp_path):
     assert "| pill | 0.50 |" in text and "| cable | 0.00 |" in text
     with pytest.raises(SystemExit, match="no arm 'oracle_x'"):
         mod.main([f"baseline={a}:baseline", f"oracle={tmp_path / 'a'}:oracle_x"])
+
+
+def test_mutation_score_groups_mutants_by_module_and_scores_the_judged_ones():
+    import importlib.util
+    spec = importlib.util.spec_from_file_location("mutation_score", REPO / "scripts" / "mutation_score.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    assert mod.module_of("core.metrics.detection.x_iou__mutmut_3") == "core.metrics.detection"
+    assert mod.module_of("core.data.splits.x__n_train__mutmut_1") == "core.data.splits"
+    assert mod.module_of("segmentation.patchcore.xǁPatchCoreǁforward__mutmut_2") == "segmentation.patchcore"
+    lines = ["    core.metrics.detection.x_iou__mutmut_1: killed", "    core.metrics.detection.x_iou__mutmut_2: survived",
+             "    core.metrics.detection.x_auroc__mutmut_1: killed", "    core.metrics.detection.x_auroc__mutmut_2: killed",
+             "    core.data.splits.x_apply_split__mutmut_1: timeout",
+             "    core.data.splits.x_apply_split__mutmut_2: not checked"]
+    table = mod.score_table(lines)
+    assert "| core.metrics.detection | 3 | 1 | 0 | 0 | 75.0 % |" in table
+    assert "| core.data.splits | 0 | 0 | 1 | 1 | 0.0 % |" in table
+    assert "| **all** | 3 | 1 | 1 | 1 | 60.0 % |" in table
