@@ -289,16 +289,19 @@ def refine_layers(comp: SDComponents, resolutions) -> list[str]:
 
 
 def refined_masks(recorder: DefectAttention, mask: torch.Tensor, normalize: str = "none",
-                  threshold: float = 0.5) -> torch.Tensor:
+                  threshold: float = 0.5, within_target: bool = True) -> torch.Tensor:
     """Eq. 13 on the recorded C_def attention: m* = [Resize(m' * A_def) >= threshold] at the image's size, m' the
     mask at the map's side. ``normalize=max`` divides each image's map by its maximum first (threshold = half of
-    the peak); ``none`` is Eq. 13 as printed. Returns (B, H, W) bool."""
+    the peak); ``none`` is Eq. 13 as printed. ``within_target`` keeps m* inside the target mask ``mask``: the coarse
+    map, resized, spills up to half a cell over the mask's border, where the image is the inverted background
+    (Prop. 3.3), not defect. Returns (B, H, W) bool."""
     a = recorder.mean_map()
     m_prime = resized_mask(mask, a.shape[-1]).to(a)
     a = m_prime * a
     if normalize == "max":
         a = a / a.flatten(1).amax(1).clamp(min=1e-12)[:, None, None]
-    return refine_mask(a, m_prime, tuple(mask.shape[-2:]), threshold)
+    out = refine_mask(a, m_prime, tuple(mask.shape[-2:]), threshold)
+    return out & (mask > 0.5) if within_target else out
 
 
 def generation_config(cfg: DictConfig, fold) -> dict:
@@ -423,7 +426,8 @@ def generate(cfg: DictConfig, checkpoint: Path | None, out_dir: Path) -> Path:
                     z_star = start_latent(z_T, m, noise.to(shard.device, dev_dtype))
                     z_out = sample_eq9(comp, sched, c1, c2, L, z_star, mk, c2_mode, recorder, window)
                     images = comp.decode_latents(z_out).float()
-                    refined = refined_masks(recorder, mk.float(), normalize, float(ref.threshold)) \
+                    refined = refined_masks(recorder, mk.float(), normalize, float(ref.threshold),
+                                            bool(ref.get("within_target", True))) \
                         if bool(ref.enabled) else mk > 0.5
                 images = (images.permute(0, 2, 3, 1).cpu().numpy() * 255).round().astype("uint8")
                 for k, i in enumerate(b):

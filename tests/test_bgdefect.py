@@ -403,12 +403,21 @@ def test_defect_attention_records_the_c1_rows_defect_tokens_in_the_window_and_re
     mask = torch.zeros(2, 32, 32)
     mask[0, :16, :16] = 1
     mask[1, 8:32, 8:32] = 1
-    out = M.refined_masks(rec, mask)
+    out = M.refined_masks(rec, mask, within_target=False)
     a = M.resized_mask(mask, 4) * rec.mean_map()
     assert torch.equal(out, refine_mask(a, M.resized_mask(mask, 4), (32, 32)))
-    peak = M.refined_masks(rec, mask, "max")
+    peak = M.refined_masks(rec, mask, "max", within_target=False)
     assert peak.sum() >= out.sum() and (peak & ~torch.nn.functional.interpolate(
         M.resized_mask(mask, 4)[:, None], size=(32, 32), mode="bilinear")[:, 0].gt(0)).sum() == 0
+    # as printed, the resized coarse map spills over a target whose border is not on the map's cells; within_target
+    # (the default) cuts it at the target's border
+    odd = torch.zeros(2, 32, 32)
+    odd[0, 3:13, 5:14] = 1
+    odd[1, 10:27, 2:30] = 1
+    spill = M.refined_masks(rec, odd, "max", within_target=False)
+    assert (spill & (odd < 0.5)).any()
+    inside = M.refined_masks(rec, odd, "max")
+    assert torch.equal(inside, spill & (odd > 0.5)) and inside.any()
 
 
 def test_token_positions_find_the_defect_words_once(tiny):
