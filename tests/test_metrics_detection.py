@@ -132,3 +132,15 @@ def test_iou_counts_a_score_exactly_at_the_threshold_as_predicted_and_pixel_metr
     assert pixel_metrics(maps, gt, with_aupro=False)["pixel_iou"] == pytest.approx(3 / 4)
     assert pixel_metrics(maps, gt, iou_threshold=0.6, with_aupro=False)["pixel_iou"] == pytest.approx(1 / 4)
     assert pixel_metrics(maps, gt, iou_threshold=0.3, with_aupro=False)["pixel_iou"] == pytest.approx(1.0)
+
+
+def test_metric_dicts_name_each_value_and_iou_of_nothing_predicted_on_nothing_is_one():
+    import torch
+    y, s = [0, 0, 1, 1], [0.1, 0.4, 0.35, 0.8]
+    m = image_metrics(y, s)
+    assert m == {"image_auroc": pytest.approx(0.75), "image_ap": pytest.approx((1 + 2 / 3) / 2),
+                 "image_f1_max": pytest.approx(0.8)}
+    # torch tensors are accepted as numpy arrays are, also ones that carry a graph (scores of a model in training)
+    assert image_metrics(torch.tensor(y), torch.tensor(s, requires_grad=True)) == m
+    # no defect and no prediction anywhere: the global IoU is 1 (nothing missed, nothing invented), not a 0 / 0
+    assert iou(np.zeros((2, 3, 4)), np.zeros((2, 3, 4), bool)) == 1.0
