@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import shutil
 import subprocess
-import sys
 from collections import Counter, defaultdict
 
 
@@ -73,4 +72,4 @@ def main(argv=None) -> str:
 
 
 if __name__ == "__main__":
-    sys.exit(main() and 0)
+    main()
