@@ -144,3 +144,85 @@ def test_metric_dicts_name_each_value_and_iou_of_nothing_predicted_on_nothing_is
     assert image_metrics(torch.tensor(y), torch.tensor(s, requires_grad=True)) == m
     # no defect and no prediction anywhere: the global IoU is 1 (nothing missed, nothing invented), not a 0 / 0
     assert iou(np.zeros((2, 3, 4)), np.zeros((2, 3, 4), bool)) == 1.0
+
+
+@pytest.mark.parametrize("name,fn", [("auroc", auroc), ("average_precision", average_precision), ("f1_max", f1_max),
+                                     ("iou", lambda y, s: iou(s, y)), ("pro_curve", lambda y, s: pro_curve(s, y))])
+def test_each_bad_input_error_names_the_metric_and_the_bad_values(name, fn):
+    y = np.zeros((2, 3, 4), int)
+    y[0, 1, 1] = 1
+    s = np.linspace(0, 1, 24).reshape(2, 3, 4)
+    with pytest.raises(ValueError, match=rf"^{name}: ground truth \(2, 3, 4\) and scores \(2, 4, 3\) differ"):
+        fn(y, s.transpose(0, 2, 1))
+    bad = s.copy()
+    bad[1, 2, 3] = np.nan
+    with pytest.raises(ValueError, match=rf"^{name}: scores hold 1 NaN"):
+        fn(y, bad)
+    y255 = y * 255
+    y255[1, 0, 0] = 7
+    with pytest.raises(ValueError, match=rf"^{name}: labels must be binary \(0 / 1\), found values such as \[7, 255\]"):
+        fn(y255, s)
+    with pytest.raises(ValueError, match=rf"^{name}: labels are empty"):
+        fn(np.zeros((0, 3, 4)), np.zeros((0, 3, 4)))
+
+
+@pytest.mark.parametrize("name,fn", [("auroc", auroc), ("average_precision", average_precision), ("f1_max", f1_max)])
+def test_one_class_error_names_the_metric_and_one_image_is_not_empty(name, fn):
+    with pytest.raises(ValueError, match=rf"^{name}: the ground truth holds only one class \(0\)"):
+        fn(np.zeros(3, int), np.array([0.1, 0.2, 0.3]))
+    assert fn(np.array([[1, 0]]), np.array([[0.9, 0.1]])) == 1.0   # one image of two pixels
+
+
+def test_iou_of_a_single_pixel_and_a_bool_mask():
+    assert iou(np.array([0.7]), np.array([1])) == 1.0
+    assert iou(np.array([0.2, 0.9]), np.array([True, True])) == 0.5
+
+
+def test_f1_max_counts_a_zero_precision_point_as_zero_and_finds_a_best_point_with_p_plus_r_at_most_one():
+    # ranked by score: a negative first (precision = recall = 0 there: F1 is 0, not 0/0), then the best point
+    # precision 1/2 at recall 1/2 (F1 = 1/2, p + r = 1), then recall 1 at precision 2/7 (F1 = 4/9)
+    labels = np.array([0, 1, 0, 0, 0, 0, 1])
+    scores = np.array([0.9, 0.8, 0.7, 0.6, 0.5, 0.4, 0.3])
+    assert f1_max(labels, scores) == pytest.approx(0.5)
+    assert f1_max(np.array([1, 0]), np.array([0.1, 0.9])) == pytest.approx(2 / 3)
+
+
+def test_iou_mean_per_image_by_hand_with_a_one_pixel_union_and_images_of_different_iou():
+    maps = np.zeros((3, 3, 4))
+    masks = np.zeros((3, 3, 4), int)
+    masks[0, :, :2] = 1            # 6 pixels; 4 predicted -> IoU 2/3
+    maps[0, :, 0] = 0.9
+    maps[0, 0, 1] = 0.9
+    masks[1, 1, 1] = 1             # union of one pixel, predicted -> IoU 1
+    maps[1, 1, 1] = 0.8
+    maps[2, 2, 3] = 0.7            # nothing to find, one false positive -> IoU 0
+    assert iou(maps, masks, 0.5, "mean_per_image") == pytest.approx((2 / 3 + 1 + 0) / 3)
+    assert iou(maps, masks, 0.5, "global") == pytest.approx((4 + 1) / (6 + 1 + 1))
+
+
+def test_integrate_to_before_the_second_point_and_past_the_last_point():
+    x, y = np.array([0.0, 0.5, 1.0]), np.array([0.0, 1.0, 1.0])
+    assert integrate_to(x, y, 0.25) == pytest.approx(0.25 * 0.5 / 2)   # interpolated inside the first segment
+    assert integrate_to(x[:2], y[:2], 1.0) == pytest.approx(0.25)        # no point past 0.5: the curve ends there
+
+
+def test_aupro_fpr_limit_bounds():
+    maps = np.random.default_rng(0).random((2, 8, 9))
+    masks = np.zeros((2, 8, 9), int)
+    masks[0, 2:4, 3:6] = 1
+    full = aupro(maps, masks, fpr_limit=1.0)   # the whole curve is allowed
+    fpr, pro = pro_curve(maps, masks)
+    assert full == pytest.approx(np.trapezoid(pro, fpr))
+    for bad in (0.0, 1.5, -0.1):
+        with pytest.raises(ValueError, match="aupro: fpr_limit must be in"):
+            aupro(maps, masks, fpr_limit=bad)
+
+
+def test_pro_curve_needs_a_normal_pixel_and_one_is_enough():
+    masks = np.ones((2, 3, 4), int)
+    maps = np.random.default_rng(1).random((2, 3, 4))
+    with pytest.raises(ValueError, match="no normal pixel"):
+        pro_curve(maps, masks)
+    masks[1, 2, 3] = 0
+    fpr, pro = pro_curve(maps, masks)
+    assert fpr[0] == 0 and fpr[-1] == 1 and pro[-1] == pytest.approx(1)

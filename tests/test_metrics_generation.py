@@ -3,6 +3,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 from core.metrics import ICLPIPSVariant, extract, fid, ic_lpips, ic_lpips_anomaly, inception_score, kid
 from core.metrics.extractors import InceptionFeatures, MissingWeightsError, load_lpips
@@ -166,3 +167,159 @@ def test_lpips_backbone_loads_from_local_file(tmp_path, monkeypatch):
     torch.save({"foo": torch.zeros(1)}, tmp_path / "bad.pth")
     with pytest.raises(ValueError, match="does not look like"):
         load_lpips("alex", tmp_path / "bad.pth")
+
+
+def test_generation_metric_errors_name_the_metric_and_the_set():
+    ok = np.random.default_rng(0).normal(size=(5, 3))
+    for name, fn in (("fid", fid), ("kid", kid)):
+        with pytest.raises(ValueError, match=rf"^{name}: real features must be a non-empty \(N, D\) array, got shape \(5,\)"):
+            fn(np.zeros(5), ok)
+        with pytest.raises(ValueError, match=rf"^{name}: generated features hold NaN"):
+            fn(ok, np.full((5, 3), np.nan))
+        with pytest.raises(ValueError, match=rf"^{name}: real features have 3 dimensions and generated ones 4"):
+            fn(ok, np.zeros((5, 4)))
+    with pytest.raises(ValueError, match="fid needs at least two images in each set"):
+        fid(ok[:1], ok)                      # one set too small is enough to refuse
+    with pytest.raises(ValueError, match=r"^inception_score: probs must be a non-empty"):
+        inception_score(np.zeros((0, 4)))
+
+
+def test_inception_score_accepts_one_image_and_rounding_but_not_negative_probabilities():
+    assert inception_score(np.array([[0.25, 0.75]]))[0] == pytest.approx(1.0)     # one image: p(y|x) = p(y)
+    near = np.full((4, 4), 0.25)
+    near[:, 0] += 5e-4                                                            # rows sum to 1.0005: rounding
+    assert inception_score(near, splits=2)[0] == pytest.approx(1.0, abs=1e-6)
+    with pytest.raises(ValueError, match="probability distribution"):
+        inception_score(np.array([[1.5, -0.5], [0.5, 0.5]]))                    # rows sum to 1, one is negative
+    with pytest.raises(ValueError, match="probability distribution"):
+        inception_score(np.array([[0.5, 0.49], [0.5, 0.5]]))                    # off by 0.01
+
+
+def test_inception_score_splits_and_from_logits():
+    # two chunks: [onehot 0, onehot 1] has IS 2, [onehot 0, onehot 0] has IS 1; one chunk of all four: p(y) = (3/4, 1/4)
+    probs = np.eye(2)[[0, 1, 0, 0]]
+    assert inception_score(probs, splits=2) == pytest.approx((1.5, 0.5))
+    kl = 3 / 4 * np.log(4 / 3) + 1 / 4 * np.log(4)
+    assert inception_score(probs, splits=1) == pytest.approx((np.exp(kl), 0.0))
+    logits = np.log(np.array([[0.2, 0.8], [0.6, 0.4], [0.5, 0.5]])) + 3.0       # softmax undoes the shift
+    from core.metrics.generation import inception_score_from_logits
+    assert inception_score_from_logits(logits, splits=1) == pytest.approx(
+        inception_score(np.array([[0.2, 0.8], [0.6, 0.4], [0.5, 0.5]]), splits=1))
+
+
+def test_fid_falls_back_to_regularised_covariances_when_the_root_is_not_finite(monkeypatch):
+    import core.metrics.generation as G
+    from scipy import linalg
+    rng = np.random.default_rng(4)
+    a, b = rng.normal(size=(5, 3)), rng.normal(size=(7, 3)) + 1
+    s1, s2 = np.cov(a, rowvar=False), np.cov(b, rowvar=False)
+    eps = np.eye(3) * 1e-6
+    seen, real_sqrtm = [], linalg.sqrtm
+
+    def sqrtm(m):   # the first root "fails" as sqrtm does on a singular product
+        seen.append(m)
+        return np.full_like(m, np.nan) if len(seen) == 1 else real_sqrtm(m)
+
+    monkeypatch.setattr(G.linalg, "sqrtm", sqrtm)
+    got = fid(a, b)
+    assert len(seen) == 2 and np.allclose(seen[1], (s1 + eps) @ (s2 + eps))
+    want = (((a.mean(0) - b.mean(0)) ** 2).sum() + np.trace(s1) + np.trace(s2)
+            - 2 * np.trace(np.real(real_sqrtm((s1 + eps) @ (s2 + eps)))))
+    assert got == pytest.approx(want, rel=1e-9)
+
+
+def test_kid_uses_the_subset_size_seed_gamma_and_coef_it_is_given():
+    rng = np.random.default_rng(5)
+    real, fake = rng.normal(size=(12, 4)), rng.normal(size=(9, 4)) + 0.3
+    r = kid(real, fake, subsets=7, subset_size=5, seed=3, gamma=0.5, coef=2.0)
+    again = np.random.default_rng(3)
+    vals = [polynomial_mmd2(real[again.choice(12, 5, replace=False)], fake[again.choice(9, 5, replace=False)],
+                            3, 0.5, 2.0) for _ in range(7)]
+    assert (r.mean, r.std, r.subset_size, r.requested_subset_size) == pytest.approx(
+        (np.mean(vals), np.std(vals), 5, 5))
+    assert kid(real, fake, subsets=7, subset_size=5).mean == kid(real, fake, subsets=7, subset_size=5, seed=0).mean
+    assert kid(real[:2], fake[:2], subsets=3).subset_size == 2                  # two images each are enough
+    x, y = np.array([[1.0], [0.0]]), np.array([[1.0], [2.0]])
+    k = lambda a, b: (0.5 * a * b + 2) ** 3                                     # gamma 0.5, coef 2
+    expected = (2 * k(1, 0)) / 2 + (2 * k(1, 2)) / 2 - 2 * (k(1, 1) + k(1, 2) + k(0, 1) + k(0, 2)) / 4
+    assert polynomial_mmd2(x, y, 3, 0.5, 2.0) == pytest.approx(expected)
+
+
+def test_ic_lpips_rejects_each_bad_variant_field_and_reports_its_variant():
+    c = lambda v: torch.full((1, 1, 2, 2), float(v))
+    gen, targets = torch.cat([c(0), c(1), c(20), c(22), c(23)]), torch.cat([c(50), c(0), c(20)])
+    for bad in (ICLPIPSVariant(pairs="every"), ICLPIPSVariant(empty="drop")):
+        with pytest.raises(ValueError, match="ICLPIPSVariant"):
+            ic_lpips(gen, targets, l1_distance, bad)
+    v = ICLPIPSVariant(cluster_cap=9)
+    r = ic_lpips(gen, targets, l1_distance, v)
+    # the first target's cluster is empty and skipped; the later clusters still count
+    assert r.cluster_sizes == [0, 2, 3] and r.value == pytest.approx((1 + (2 + 3 + 1) / 3) / 2) and r.variant is v
+
+
+def test_mask_alignment_by_hand():
+    from core.metrics.generation import mask_alignment
+    src = torch.zeros(3, 3, 4, 5)
+    gen = src.clone()
+    masks = torch.zeros(3, 1, 4, 5)
+    masks[:, :, :2, :2] = 1
+    gen[0, 1, 0, 0] = 0.5                  # image 0: one change, inside (in channel 1 only)
+    gen[1, :, 0, 1] = 0.5                  # image 1: one inside, three outside
+    gen[1, 2, 3, 2:5] = 0.3
+    gen[2, 0, 1, 1] = 0.05                 # image 2: below the threshold: nothing changed
+    out = mask_alignment(gen, src, masks)
+    assert out[:2].tolist() == pytest.approx([1.0, 0.25]) and torch.isnan(out[2])
+    assert mask_alignment(gen, src, masks[:, 0], threshold=0.01)[2] == 1.0   # masks without a channel axis
+
+
+def test_inception_features_from_a_local_file(tmp_path, monkeypatch):
+    """InceptionFeatures: torchvision's Inception-v3 from a local state dict, pool features and the fc logits of
+    ImageNet-normalised 299 x 299 inputs; also found in $TORCH_HOME/hub/checkpoints/."""
+    from torchvision.models import inception_v3
+    import torch.nn.functional as F
+
+    torch.manual_seed(0)
+    net = inception_v3(weights=None, aux_logits=True, init_weights=False).eval()
+    hub = tmp_path / "hub" / "checkpoints"
+    hub.mkdir(parents=True)
+    torch.save(net.state_dict(), hub / "inception_v3_google-0cc3c7bd.pth")
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path))
+    model = InceptionFeatures()
+    x = torch.rand(2, 3, 40, 56)
+    feats, logits = model(x)
+    xn = F.interpolate(x, size=(299, 299), mode="bilinear", align_corners=False)
+    xn = (xn - torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1)) / torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1)
+    with torch.no_grad():
+        want_logits = net(xn)
+        net.fc = nn.Identity()
+        want_feats = net(xn)
+    assert feats.shape == (2, 2048) and logits.shape == (2, 1000)
+    assert torch.allclose(feats, want_feats, atol=1e-4) and torch.allclose(logits, want_logits, atol=1e-4)
+    assert not model.net.training and set(dict(model.named_buffers())) >= {"mean", "std"}
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "empty"))
+    with pytest.raises(MissingWeightsError, match=rf"(?s)looked at '{tmp_path / 'nope.pth'}', '{tmp_path}/empty/hub/"
+                                                  r"checkpoints/inception_v3_google-0cc3c7bd.pth'\).*my.key="):
+        InceptionFeatures(tmp_path / "nope.pth", config_key="my.key")
+
+
+def test_ic_lpips_with_model_is_ic_lpips_with_local_lpips(tmp_path, monkeypatch):
+    from torchvision.models import alexnet
+    from core.metrics.generation import ic_lpips_with_model, lpips_distance
+
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path))
+    torch.manual_seed(3)
+    path = tmp_path / "alexnet-owt-7be5be79.pth"
+    torch.save({f"features.{k}": v for k, v in alexnet().features.state_dict().items()}, path)
+    gen, targets = torch.rand(5, 3, 24, 24), torch.rand(2, 3, 24, 24)
+    gm, tm = (torch.rand(5, 1, 24, 24) > 0.5).float(), (torch.rand(2, 1, 24, 24) > 0.5).float()
+    v = ICLPIPSVariant(backbone="alex", resize=32, empty="zero")
+    dist = lpips_distance(load_lpips("alex", path), 32, batch_size=2)
+    assert ic_lpips_with_model(gen, targets, v, path).value == pytest.approx(ic_lpips(gen, targets, dist, v).value)
+    assert ic_lpips_with_model(gen, targets, v, path, masks=(gm, tm)).value == pytest.approx(
+        ic_lpips_anomaly(gen, gm, targets, tm, dist, v).value)
+    # the distance is LPIPS on [-1, 1] inputs resized to `resize`, batched
+    model = load_lpips("alex", path)
+    a, b = torch.rand(3, 3, 20, 20), torch.rand(3, 3, 20, 20)
+    up = lambda t: F.interpolate(t, size=(32, 32), mode="bilinear", align_corners=False)
+    assert torch.allclose(lpips_distance(model, 32, batch_size=2)(a, b), model(up(a) * 2 - 1, up(b) * 2 - 1).flatten(),
+                          atol=1e-6)

@@ -127,19 +127,70 @@ def test_gap_share_takes_each_arm_from_its_own_run(tmp_path):
         mod.main([f"baseline={a}:baseline", f"oracle={tmp_path / 'a'}:oracle_x"])
 
 
-def test_mutation_score_groups_mutants_by_module_and_scores_the_judged_ones():
+def _mutation_score_module():
     import importlib.util
     spec = importlib.util.spec_from_file_location("mutation_score", REPO / "scripts" / "mutation_score.py")
     mod = importlib.util.module_from_spec(spec)
+    sys.modules["mutation_score"] = mod   # dataclasses look their module up there
     spec.loader.exec_module(mod)
+    return mod
+
+
+def test_mutation_score_groups_mutants_by_module_and_scores_the_judged_ones():
+    mod = _mutation_score_module()
     assert mod.module_of("core.metrics.detection.x_iou__mutmut_3") == "core.metrics.detection"
     assert mod.module_of("core.data.splits.x__n_train__mutmut_1") == "core.data.splits"
     assert mod.module_of("segmentation.patchcore.xǁPatchCoreǁforward__mutmut_2") == "segmentation.patchcore"
-    lines = ["    core.metrics.detection.x_iou__mutmut_1: killed", "    core.metrics.detection.x_iou__mutmut_2: survived",
-             "    core.metrics.detection.x_auroc__mutmut_1: killed", "    core.metrics.detection.x_auroc__mutmut_2: killed",
-             "    core.data.splits.x_apply_split__mutmut_1: timeout",
-             "    core.data.splits.x_apply_split__mutmut_2: not checked"]
-    table = mod.score_table(lines)
-    assert "| core.metrics.detection | 3 | 1 | 0 | 0 | 75.0 % |" in table
-    assert "| core.data.splits | 0 | 0 | 1 | 1 | 0.0 % |" in table
-    assert "| **all** | 3 | 1 | 1 | 1 | 60.0 % |" in table
+    results = mod.parse_results("\n".join([
+        "    core.metrics.detection.x_iou__mutmut_1: killed", "    core.metrics.detection.x_iou__mutmut_2: survived",
+        "    core.metrics.detection.x_iou__mutmut_4: survived",
+        "    core.metrics.detection.x_auroc__mutmut_1: killed", "    core.metrics.detection.x_auroc__mutmut_2: killed",
+        "    core.data.splits.x_apply_split__mutmut_1: timeout",
+        "    core.data.splits.x_apply_split__mutmut_2: no tests"]))
+    assert results["core.data.splits.x_apply_split__mutmut_2"] == "no tests"
+    table = mod.score_table(results, {"core.metrics.detection.x_iou__mutmut_4": "message"})
+    # 3 killed of 5 judged; one of the two survivors only changes a message: 3 of 4 with it set aside
+    assert "| core.metrics.detection | 3 | 2 (1) | 0 | 0 | 60.0 % | 75.0 % |" in table
+    assert "| core.data.splits | 0 | 0 (0) | 1 | 1 | 0.0 % | 0.0 % |" in table
+    assert "| **all** | 3 | 2 (1) | 1 | 1 | 50.0 % | 60.0 % |" in table
+
+
+def test_mutation_score_tells_a_message_only_mutant_from_a_code_mutant(tmp_path):
+    mod = _mutation_score_module()
+    src = tmp_path / "core" / "m.py"
+    src.parent.mkdir()
+    src.write_text(
+        "def x_f__mutmut_orig(a):\n    if a < 0:\n        raise ValueError(f'f: a={a} < 0')\n    return 'x' + str(a)\n"
+        "def x_f__mutmut_1(a):\n    if a < 0:\n        raise ValueError(None)\n    return 'x' + str(a)\n"
+        "def x_f__mutmut_2(a):\n    if a < 0:\n        raise ValueError('XXf: a < 0XX')\n    return 'x' + str(a)\n"
+        "def x_f__mutmut_3(a):\n    if a < 1:\n        raise ValueError(f'f: a={a} < 0')\n    return 'x' + str(a)\n"
+        "def x_f__mutmut_4(a):\n    if a < 0:\n        raise ValueError(f'f: a={a} < 0')\n    return 'XXxXX' + str(a)\n")
+    kinds = mod.classify_survivors(tmp_path, [f"core.m.x_f__mutmut_{i}" for i in (1, 2, 3, 4)])
+    assert kinds == {"core.m.x_f__mutmut_1": "message", "core.m.x_f__mutmut_2": "message",
+                     "core.m.x_f__mutmut_3": "code", "core.m.x_f__mutmut_4": "code"}
+
+
+def test_mutation_score_puts_every_module_in_one_group_with_existing_tests(tmp_path):
+    mod = _mutation_score_module()
+    base, groups = mod.load_groups()
+    owner = mod.assign_modules(groups)
+    assert owner["core/metrics/detection.py"].name == "metrics"
+    assert owner["core/data/synthetic/world.py"].name == "synthetic"   # core/data/*.py stays in core/data/
+    assert mod.matches("core/data/splits.py", "core/data/*.py") and not mod.matches("core/data/synthetic/w.py",
+                                                                                     "core/data/*.py")
+    assert all((REPO / t).is_file() for g in groups for t in g.tests)
+    # a module in two groups, or in none, is an error naming it
+    twice = groups + [mod.Group("dup", ("core/engine.py",), ("tests/test_engine.py",))]
+    with pytest.raises(mod.ConfigError, match="core/engine.py is in groups engine, dup"):
+        mod.assign_modules(twice)
+    with pytest.raises(mod.ConfigError, match="core/engine.py is in no group"):
+        mod.assign_modules([g for g in groups if g.name != "engine"])
+    # the scratch copy's pyproject: the group's selection replaces [tool.mutmut] and the group tables
+    text = mod.with_mutmut_table((REPO / "pyproject.toml").read_text(),
+                                 mod.mutmut_table(base, ["core/engine.py"], ["tests/test_engine.py"]))
+    import tomllib
+    cfg = tomllib.loads(text)
+    assert cfg["tool"]["mutmut"]["only_mutate"] == ["core/engine.py"]
+    assert cfg["tool"]["mutmut"]["pytest_add_cli_args_test_selection"] == ["tests/test_engine.py"]
+    assert cfg["tool"]["mutmut"]["also_copy"] == base["also_copy"] and "mutation_score" not in cfg["tool"]
+    assert cfg["tool"]["pytest"]["ini_options"]["addopts"] == "-q"
