@@ -86,3 +86,50 @@ def test_k_shot_draws_each_products_shots_from_its_own_stream(tmp_path):
         shots = lambda table: [s.path for s in apply_split(table, "k_shot", k=3, seed=seed).train  # noqa: E731
                                if s.product == "widget"]
         assert shots(both) == shots(alone)   # another product in the table changes nothing
+
+
+def _rows():
+    from core.data import Sample
+    rows = [Sample(f"/v/{i:03d}.png", "train" if i < 2 else "test", "pcb", "bad", 1, (f"/v/{i:03d}_m.png",))
+            for i in range(6)]
+    rows += [Sample(f"/v/v{i}.png", "validation", "pcb", "bad", 1, (f"/v/v{i}_m.png",)) for i in range(2)]
+    rows += [Sample(f"/v/g{i}.png", split, "pcb", "good", 0)
+             for i, split in enumerate(["train", "train", "train", "test", "validation"])]
+    return rows
+
+
+@pytest.mark.parametrize("protocol,kw,params", [("none", {}, {}), ("one_third", {}, {}), ("half", {}, {}),
+                                                ("two_fold", {"fold": 1}, {"fold": 1}),
+                                                ("k_shot", {"k": 1, "seed": 4}, {"k": 1, "seed": 4})])
+def test_split_records_protocol_and_params_and_keeps_validation_normals(protocol, kw, params):
+    sp = apply_split(_rows(), protocol, **kw)
+    assert sp.protocol == protocol and sp.params == params
+    assert [s.name for s in sp.validation if s.label == 0] == ["g4.png"]
+    assert [s.name for s in sp.test if s.label == 0] == ["g3.png"]
+    assert sp.parts() == {"train": sp.train, "test": sp.test, "validation": sp.validation}
+
+
+def test_none_keeps_each_anomaly_in_its_dataset_split():
+    sp = apply_split(_rows(), "none")
+    assert [s.name for s in sp.train if s.label] == ["000.png", "001.png"]
+    assert [s.name for s in sp.test if s.label] == ["002.png", "003.png", "004.png", "005.png"]
+    assert [s.name for s in sp.validation if s.label] == ["v0.png", "v1.png"]
+
+
+def test_k_shot_k_bounds_and_every_anomaly_tests_once():
+    rows = _rows()
+    sp = apply_split(rows, "k_shot", k=1)
+    assert len(sp.train) == 1 and sp.train[0].label == 0 and sp.train[0].split == "train"
+    # all three normal training images when k equals the pool: each exactly once (drawn without replacement)
+    assert sorted(s.name for s in apply_split(rows, "k_shot", k=3).train) == ["g0.png", "g1.png", "g2.png"]
+    # every anomaly tests, whatever the dataset's split, once; the test normal too
+    assert sorted(s.name for s in sp.test) == sorted([s.name for s in rows if s.label == 1] + ["g3.png"])
+    with pytest.raises(ValueError, match="k_shot needs k >= 1, got 0"):
+        apply_split(rows, "k_shot", k=0)
+
+
+def test_half_of_three_trains_one_and_one_third_of_five_trains_one():
+    from core.data.splits import _n_train
+    assert _n_train("half", 3, 0) == (0, 1) and _n_train("half", 1, 0) == (0, 1)
+    assert _n_train("one_third", 5, 0) == (0, 1) and _n_train("one_third", 2, 0) == (0, 1)
+    assert _n_train("two_fold", 5, 0) == (0, 3) and _n_train("two_fold", 5, 1) == (3, 5)

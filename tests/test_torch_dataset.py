@@ -50,3 +50,69 @@ def test_each_epoch_draws_new_augmentations(tmp_path):
         ds.set_epoch(epoch)
         views.append(ds[0]["mask"])
     assert any(not torch.equal(views[0], v) for v in views[1:])
+
+
+def test_geometric_flips_the_stated_axes_of_a_non_square_tensor():
+    x = torch.arange(2 * 3 * 5).view(2, 3, 5)
+    t = PairedTransform()
+    n = x.numpy()
+    assert np.array_equal(t.geometric(x, {"h": True, "v": False, "k": 0}).numpy(), n[:, :, ::-1])
+    assert np.array_equal(t.geometric(x, {"h": False, "v": True, "k": 0}).numpy(), n[:, ::-1, :])
+    for k in (1, 2, 3):
+        assert np.array_equal(t.geometric(x, {"h": False, "v": False, "k": k}).numpy(), np.rot90(n, k, axes=(1, 2)))
+    assert np.array_equal(t.geometric(x, {"h": True, "v": True, "k": 1}).numpy(), np.rot90(n[:, ::-1, ::-1], 1, axes=(1, 2)))
+
+
+def test_sample_params_draw_each_flip_independently_and_every_rotation():
+    g = torch.Generator().manual_seed(0)
+    draws = [PairedTransform(hflip=True, vflip=True, rot90=True).sample_params(g) for _ in range(400)]
+    h = np.array([d["h"] for d in draws])
+    v = np.array([d["v"] for d in draws])
+    k = np.array([d["k"] for d in draws])
+    assert 0.4 < h.mean() < 0.6 and 0.4 < v.mean() < 0.6 and 0.15 < (h != v).mean()
+    assert sorted(set(k.tolist())) == [0, 1, 2, 3] and all(70 < (k == i).sum() < 130 for i in range(4))
+    off = [PairedTransform().sample_params(g) for _ in range(50)]
+    assert all(d == {"h": False, "v": False, "k": 0} for d in off)
+
+
+def test_resize_to_a_non_square_size_bilinear_antialiased_for_images_and_nearest_for_masks():
+    torch.manual_seed(0)
+    img = torch.rand(3, 16, 20)
+    mask = (torch.rand(1, 16, 20) > 0.5).float()
+    t = PairedTransform(size=(8, 12))
+    out = t({"image": img, "mask": mask, "normal": img.flip(-1)}, torch.Generator().manual_seed(0))
+    want = torch.nn.functional.interpolate(img[None], size=(8, 12), mode="bilinear", antialias=True,
+                                           align_corners=False)[0]
+    assert out["image"].shape == (3, 8, 12) and torch.allclose(out["image"], want)
+    assert torch.allclose(out["normal"], torch.nn.functional.interpolate(
+        img.flip(-1)[None], size=(8, 12), mode="bilinear", antialias=True, align_corners=False)[0])
+    assert torch.equal(out["mask"], torch.nn.functional.interpolate(mask[None], size=(8, 12), mode="nearest")[0])
+    assert PairedTransform(size=8)({"image": img}, torch.Generator())["image"].shape == (3, 8, 8)
+    assert PairedTransform(size=(16, 20)).resize(img, False) is img          # already at size: untouched
+
+
+def test_items_name_their_fields_scale_bytes_and_draw_from_seed_epoch_and_index(tmp_path):
+    from core.data.torch_dataset import to_tensor
+    assert torch.equal(to_tensor(np.full((2, 3, 3), 255, np.uint8)), torch.ones(3, 2, 3))
+    table = load_mvtec_ad(trees.mvtec_ad(tmp_path / "m", products=("widget",)))
+    normal = [s for s in table if s.label == 0][0]
+    item = AnomalyDataset([normal])[0]
+    h, w = item["image"].shape[1:]
+    assert item["mask"].shape == (1, h, w)
+    assert set(item) == {"image", "mask", "label", "anomaly_type", "path"}
+    assert item["anomaly_type"] == "good" and item["path"] == normal.path
+    anomaly = [s for s in table if s.label == 1][0]
+    aug = PairedTransform(hflip=True, vflip=True, rot90=True)
+
+    def masks(ds):
+        return [ds[i]["mask"] for i in range(len(ds))]
+
+    sixteen = [anomaly] * 16
+    base = masks(AnomalyDataset(sixteen, aug))
+    assert all(torch.equal(a, b) for a, b in zip(base, masks(AnomalyDataset(sixteen, aug, seed=0))))  # seed 0 default
+    fresh = AnomalyDataset(sixteen, aug)
+    fresh.set_epoch(0)
+    assert all(torch.equal(a, b) for a, b in zip(base, masks(fresh)))                                # epoch 0 first
+    assert not all(torch.equal(a, b) for a, b in zip(base, masks(AnomalyDataset(sixteen, aug, seed=1))))
+    # the index enters the draw: one image, 16 items, many of the 16 distinct (flip, rotation) views
+    assert len({tuple(m.flatten().tolist()) for m in base}) > 4

@@ -8,7 +8,7 @@ The papers differ, so the protocol is configuration (``split=<name>``):
 - ``two_fold``  background-aware generation: per type, fold 0 trains on the first ceil(n/2) by file name and
                 tests on the rest; fold 1 swaps the halves. Results are averaged over both folds.
 - ``half``      DefectDiffu: per type, the first max(floor(n/2), 1) by file name train, the rest test.
-- ``k_shot``    CUT: k normal training images per product drawn with ``seed``; no anomaly trains.
+- ``k_shot``    CUT: k normal training images per product drawn with ``seed``; no anomaly trains, all test.
 
 In every protocol normal images keep the dataset's split (train/good trains, test/good tests,
 validation stays validation), anomalies from the dataset's train split (VisA) join the pool that is
@@ -91,7 +91,8 @@ def apply_split(samples: Sequence[Sample], protocol: str = "none", fold: int = 0
             # a per-product stream so adding a product never changes another product's shots
             rng = np.random.default_rng([seed, sum(map(ord, product))])
             shots += [pool[i] for i in sorted(rng.choice(len(pool), size=k, replace=False))]
-        anomalies = [s for s in samples if s.label == 1 and s.split == "test"]
+        # no anomaly trains: every one tests, those of the dataset's train split (VisA) included
+        anomalies = [s for s in samples if s.label == 1]
         return Split(protocol, shots, test + anomalies, validation, params)
 
     for (_, _), items in sorted(_anomalies_by_type(samples).items()):
