@@ -98,3 +98,49 @@ def test_an_rgb_mask_is_read_on_every_channel(tmp_path):
     want = np.zeros((4, 6), bool)
     want[0, 0] = want[1, 2] = want[3, 5] = True
     assert np.array_equal(read_mask([tmp_path / "m.png"]), want)
+
+
+def _layouts(tmp_path):
+    """(loader, root, products) of each real layout, each tree holding two products and a stray folder."""
+    import csv
+    m3d = trees.mvtec_3d(tmp_path / "m3d", products=("bagel", "tire"))
+    loco = trees.mvtec_loco(tmp_path / "loco", products=("breakfast_box", "juice_bottle"))
+    visa = trees.visa(tmp_path / "visa")
+    ad = trees.mvtec_ad(tmp_path / "ad")
+    for root in (m3d, loco, ad):
+        (root / "notes").mkdir()                       # not a product: no train/good inside
+    rows = list(csv.reader(open(visa / "split_csv" / "1cls.csv")))
+    return [(load_mvtec_3d, m3d, ("bagel", "tire")), (load_mvtec_loco, loco, ("breakfast_box", "juice_bottle")),
+            (load_visa, visa, ("candle", "pcb9")), (load_mvtec_ad, ad, ("gridlike", "widget"))], rows
+
+
+def test_every_layout_fills_each_row_field_selects_products_and_names_its_layout(tmp_path):
+    from core.data import DatasetError
+    layouts, _ = _layouts(tmp_path)
+    for load, root, products in layouts:
+        table = load(root)
+        assert sorted({s.product for s in table}) == list(products), load.__name__   # the stray folder is no product
+        for s in table:
+            assert s.product in products and s.split in ("train", "validation", "test"), (load.__name__, s)
+            assert (s.label == 0) == (s.anomaly_type == "good") and s.label in (0, 1) and isinstance(s.label, int)
+            assert (s.label == 1) == bool(s.mask_paths) and s.path.startswith(str(root))
+        assert sum(s.label == 0 for s in table) and sum(s.label == 1 for s in table)
+        for product in products:   # each alone: rows of the other product are skipped wherever they sit
+            one = load(root, product)
+            assert {s.product for s in one} == {product} and len(one) == sum(s.product == product for s in table)
+        with pytest.raises(DatasetError, match=rf"Unknown product\(s\) \['nope'\] under '{root}'"):
+            load(root, ["nope"])
+        with pytest.raises(DatasetError, match=r"(?s)does not exist.*Expected layout: \S"):
+            load(tmp_path / "missing")
+
+
+def test_visa_rejects_a_repeated_row_naming_its_csv_line(tmp_path):
+    import csv
+    from core.data import DatasetError
+    _, rows = _layouts(tmp_path)
+    root = tmp_path / "visa"
+    rows.insert(3, rows[5])                       # line 7 repeats the image of line 4 (line 1 is the header)
+    with open(root / "split_csv" / "1cls.csv", "w", newline="") as f:
+        csv.writer(f).writerows(rows)
+    with pytest.raises(DatasetError, match=r"line 7 lists image .* twice"):
+        load_visa(root)
