@@ -214,3 +214,102 @@ def test_mean_map_averages_calls_and_layers_hand_worked():
     # the grid is the positions in row-major order
     store.maps = {"a": [torch.arange(24.).reshape(2, 4, 3)]}
     torch.testing.assert_close(store.mean_map()[1, 1, 0], torch.tensor([18., 19., 20.]))
+
+
+def _reference_and_controlled(attn, *args, **kwargs):
+    from diffusers.models.attention_processor import AttnProcessor2_0   # applies qk norms (AttnProcessor ignores them)
+    from core.diffusion import ControlledAttnProcessor
+    attn.set_processor(AttnProcessor2_0())
+    want = attn(*args, **kwargs)
+    attn.set_processor(ControlledAttnProcessor("layer"))
+    return want, attn(*args, **kwargs)
+
+
+def test_controlled_processor_equals_diffusers_on_4d_input_with_norms_residual_and_rescale():
+    from diffusers.models.attention_processor import Attention
+    torch.manual_seed(0)
+    attn = Attention(32, heads=2, dim_head=16, norm_num_groups=4, spatial_norm_dim=3, residual_connection=True,
+                     rescale_output_factor=2.0, bias=True).eval()
+    x, zq = torch.randn(2, 32, 3, 5), torch.randn(2, 3, 3, 5)
+    with torch.no_grad():
+        want, got = _reference_and_controlled(attn, x, temb=zq)
+    assert got.shape == (2, 32, 3, 5) and torch.allclose(got, want, atol=1e-5)
+
+
+def test_controlled_processor_equals_diffusers_on_cross_attention_with_norms_and_a_mask():
+    from diffusers.models.attention_processor import Attention
+    torch.manual_seed(1)
+    attn = Attention(8, cross_attention_dim=6, heads=2, dim_head=4, cross_attention_norm="layer_norm",
+                     qk_norm="layer_norm").eval()
+    x, ctx = torch.randn(2, 10, 8), torch.randn(2, 7, 6)
+    mask = torch.zeros(2, 1, 7)
+    mask[0, :, 5:] = -10000.0          # image 0 ignores its last two tokens, image 1 its first
+    mask[1, :, 0] = -10000.0
+    with torch.no_grad():
+        want, got = _reference_and_controlled(attn, x, encoder_hidden_states=ctx, attention_mask=mask)
+        unmasked, _ = _reference_and_controlled(attn, x, encoder_hidden_states=ctx)
+    assert got.shape == (2, 10, 8) and torch.allclose(got, want, atol=1e-5)
+    assert not torch.allclose(want, unmasked, atol=1e-3)      # the mask matters in this case
+
+
+def test_edits_receive_the_layer_name_and_a_probs_only_edit_is_applied_after_softmax():
+    from diffusers.models.attention_processor import Attention
+    from core.diffusion import ControlledAttnProcessor
+    torch.manual_seed(2)
+    attn = Attention(8, cross_attention_dim=6, heads=2, dim_head=4).eval()
+    x, ctx = torch.randn(2, 10, 8), torch.randn(2, 7, 6)
+    seen = []
+
+    class ProbsOnly:
+        def edit_probs(self, name, probs):
+            seen.append((name, tuple(probs.shape), float(probs.sum(-1).mean())))
+            return torch.zeros_like(probs)
+
+    class LogitsOnly:
+        def edit_logits(self, name, logits):
+            seen.append((name, "logits"))
+            return logits
+
+    attn.set_processor(ControlledAttnProcessor("down_blocks.0.attn2", edit=ProbsOnly()))
+    with torch.no_grad():
+        out = attn(x, encoder_hidden_states=ctx)
+    assert seen == [("down_blocks.0.attn2", (2, 2, 10, 7), pytest.approx(1.0))]
+    assert torch.allclose(out, attn.to_out[0].bias.expand_as(out))       # zero attention: only the output bias
+    attn.set_processor(ControlledAttnProcessor("up_blocks.1.attn2", edit=LogitsOnly()))
+    with torch.no_grad():
+        attn(x, encoder_hidden_states=ctx)
+    assert seen[-1] == ("up_blocks.1.attn2", "logits")
+
+
+def test_region_token_mask_by_hand_cfg_halves_threshold_boundary_and_overlapping_groups():
+    # logits (B=4: a CFG batch of 2 regions), 2 heads, N = 4 positions (2 x 2), L = 5 tokens
+    logits = torch.randn(4, 2, 4, 5)
+    region = torch.tensor([[[1.0, 0.5], [0.0, 0.25]], [[0.0, 0.0], [1.0, 1.0]]])   # (2, 2, 2): one value at 0.5
+    other = torch.tensor([[[0.0, 1.0], [1.0, 1.0]], [[1.0, 1.0], [1.0, 0.0]]])
+    edit = RegionTokenMask([([1, 2], region, True), ([3], region, False), ([2], other, True)], threshold=0.5)
+    out = edit.edit_logits("l", logits)
+    low = torch.finfo(logits.dtype).min
+    r = region.flatten(1).repeat(2, 1)      # (4, 4): the same region for both CFG halves
+    o = other.flatten(1).repeat(2, 1)
+    inside, outside = r >= 0.5, r < 0.5     # a value exactly at the threshold is inside
+    for b in range(4):
+        for n in range(4):
+            want_blocked = {1: not inside[b, n], 2: not inside[b, n] or not (o[b, n] >= 0.5), 3: not outside[b, n]}
+            for tok in range(5):
+                blocked = want_blocked.get(tok, False)
+                assert (out[b, :, n, tok] == low).all() if blocked else torch.equal(out[b, :, n, tok], logits[b, :, n, tok])
+
+
+def test_token_reweight_by_hand_on_its_layers_only_with_a_cfg_batch_map():
+    x = torch.rand(4, 2, 4, 3) + 0.5
+    w = torch.tensor([[[2.0, 0.0], [1.0, 3.0]], [[0.5, 0.5], [4.0, 1.0]]])           # (2, 2, 2) for B = 4
+    tr = TokenReweight([1], w, on="probs", layers=["a"])
+    out = tr.edit_probs("a", x)
+    wq = w.flatten(1).repeat(2, 1)                                                    # (4, N)
+    assert torch.allclose(out[..., 1], x[..., 1] * wq[:, None, :])
+    assert torch.equal(out[..., [0, 2]], x[..., [0, 2]])
+    assert torch.equal(tr.edit_probs("b", x), x) and torch.equal(tr.edit_logits("a", x), x)   # other layer; logits
+    on_logits = TokenReweight([0, 2], 1.5, on="logits")
+    got = on_logits.edit_logits("any", x)
+    assert torch.allclose(got[..., [0, 2]], 1.5 * x[..., [0, 2]]) and torch.equal(got[..., 1], x[..., 1])
+    assert torch.equal(on_logits.edit_probs("any", x), x)

@@ -289,3 +289,42 @@ def test_ddim_inversion_starts_at_the_schedulers_final_level():
     a1 = sched.alphas_cumprod[int(sched.timesteps[-1])].double()
     torch.testing.assert_close(path[1], a1.sqrt() * z0 + (1 - a1).sqrt() * 0.1)
     torch.testing.assert_close(sample(const, sched, path[-1], progress=False), z0, atol=1e-6, rtol=1e-6)
+
+
+def test_isodata_threshold_per_map_of_a_batch_with_ties_and_single_members():
+    # [0, 2, 4, 2]: the 2s sit exactly at the first threshold (the mean) and count below: (4/3 + 4) / 2 = 8/3;
+    # [1, 10, 10, 10]: one value below: (1 + 10) / 2 = 5.5
+    batch = torch.tensor([[0.0, 2.0, 4.0, 2.0], [1.0, 10.0, 10.0, 10.0]])
+    assert isodata_threshold(batch).tolist() == pytest.approx([8 / 3, 5.5])
+    assert isodata_threshold(torch.tensor([[0.0, 2.0, 4.0]])).item() == pytest.approx(2.5)
+    # near-constant maps count as constant within 1e-6 of their scale (at least 1e-6), and then give their maximum
+    big = torch.tensor([[1000.0, 1000.0 + 2 ** -13]])
+    assert isodata_threshold(big).item() == big.max().item()
+    small = torch.tensor([[0.0, 1.5e-6]])
+    assert isodata_threshold(small).item() == pytest.approx(0.75e-6)
+
+
+def test_previous_latent_at_t_1_steps_to_abar_0():
+    from diffusers import DDPMScheduler
+
+    from core.diffusion import previous_latent
+    sched = DDPMScheduler.from_config(SD_V1_SCHEDULE)
+    a = sched.alphas_cumprod
+    z, eps = torch.randn(2, 4, 3, 5), torch.randn(2, 4, 3, 5)
+    t = torch.tensor([1, 1])
+    x0 = (z - (1 - a[1]).sqrt() * eps) / a[1].sqrt()
+    torch.testing.assert_close(previous_latent(sched, z, eps, t, "ddim"), a[0].sqrt() * x0 + (1 - a[0]).sqrt() * eps)
+
+
+def test_ddim_invert_by_default_evaluates_eps_on_the_current_latent():
+    sched = _ddim()
+    sched.set_timesteps(2)
+    z0 = torch.randn(2, 4, 3, 5)
+    eps_fn = lambda z, t: 0.1 * z + t / 1000        # noqa: E731
+    abar = sched.alphas_cumprod.double()
+    z, a_prev = z0.double(), torch.tensor(sched.final_alpha_cumprod).double()
+    for t in sched.timesteps.flip(0):
+        a_t = abar[int(t)]
+        z = (a_t / a_prev).sqrt() * z + ((1 - a_t).sqrt() - (a_t * (1 - a_prev) / a_prev).sqrt()) * eps_fn(z, t)
+        a_prev = a_t
+    torch.testing.assert_close(ddim_invert(eps_fn, sched, z0, progress=False), z.float(), atol=1e-5, rtol=1e-5)
