@@ -1,9 +1,11 @@
 """The Hydra entry points compose for every method and dataset, and the scripts' functions do what they promise."""
+import re
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+import torch
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
@@ -133,3 +135,90 @@ def test_generate_keeps_the_runs_node_under_overrides_inside_it(tmp_path):
     ov = [f"checkpoint={run}", "model=mini", "product=bottle"]         # other choices replace the run's
     cfg = merge_checkpoint_config(_compose("generate", ov + ["out_dir=x"]), run, ov)
     assert cfg.model.name == "mini" and cfg.product == "bottle" and cfg.method.generate.guidance == 3.0
+
+
+def test_run_identity_records_compares_and_names_what_changed(tmp_path):
+    import json
+
+    from omegaconf import OmegaConf
+
+    from core.runs import RunIdentityError, check_run_identity
+    cfg = OmegaConf.create({"lr": 0.1, "steps": 10, "out": "${lr}", "device": "cpu", "keep_checkpoints": False,
+                            "hydra": {"run": {"dir": "a"}}, "model": {"name": "tiny", "size": 2}})
+    run = tmp_path / "run"
+    run.mkdir()
+    digest = check_run_identity(run, cfg, {"data": "abc"})
+    record = json.loads((run / "identity.json").read_text())
+    assert record["hash"] == digest and record["defined_by"]["inputs"] == {"data": "abc"}
+    assert record["defined_by"]["config"]["out"] == 0.1                       # resolved, not "${lr}"
+    assert "device" not in record["defined_by"]["config"] and "hydra" not in record["defined_by"]["config"]
+    # the same definition (other key order, other device / hydra / checkpoint keeping) resumes
+    same = OmegaConf.create({"model": {"size": 2, "name": "tiny"}, "steps": 10, "lr": 0.1, "out": "${lr}",
+                             "device": "cuda", "keep_checkpoints": True, "hydra": {"run": {"dir": "b"}}})
+    assert check_run_identity(run, same, {"data": "abc"}) == digest
+    # a changed setting, or changed inputs, are refused, naming each key with the recorded and the new value
+    with pytest.raises(RunIdentityError, match=r"holds a run defined differently: config\.lr: 0\.1 -> 0\.2; config\.out: 0\.1 -> 0\.2\. Nothing was changed"):
+        check_run_identity(run, OmegaConf.merge(cfg, {"lr": 0.2}), {"data": "abc"})
+    with pytest.raises(RunIdentityError, match=r"holds a generation defined differently: inputs\.data: 'abc' -> 'abd'"):
+        check_run_identity(run, cfg, {"data": "abd"}, what="generation")
+    with pytest.raises(RunIdentityError, match=r"inputs\.data: 'abc' -> '<unset>'"):
+        check_run_identity(run, cfg)
+    many = OmegaConf.merge(cfg, {"lr": 1, "steps": 1, "model": {"name": "x", "size": 3}, "extra": 1})
+    with pytest.raises(RunIdentityError, match=r"\(and 2 more\)"):                # 6 keys differ, 4 shown
+        check_run_identity(run, many, {"data": "abc"})
+    assert json.loads((run / "identity.json").read_text()) == record            # refusals change nothing
+    (tmp_path / "other").mkdir()
+    assert check_run_identity(tmp_path / "other", cfg) != digest                 # without the inputs: another identity
+    (run / "identity.json").write_text("{not json")
+    with pytest.raises(RunIdentityError, match="identity.json is corrupt"):
+        check_run_identity(run, cfg, {"data": "abc"})
+
+
+def test_positive_int_and_resolve_device_and_check_common_by_hand():
+    from omegaconf import OmegaConf
+
+    from core.runs import check_common, positive_int, resolve_device
+    assert positive_int(1, "n") == 1 and positive_int("12", "n") == 12 and positive_int(3.0, "n", maximum=3) == 3
+    for bad in (0, 0.5, 2.5, -1, "x", "nan", True, None, [3]):
+        with pytest.raises(ValueError, match=rf"^n={re.escape(repr(bad))} must be a whole number >= 1\. Fix: n=<count>"):
+            positive_int(bad, "n")
+    with pytest.raises(ValueError, match=r"^n=4 is more than 3\."):
+        positive_int(4, "n", maximum=3)
+    assert resolve_device("cpu") == torch.device("cpu") and resolve_device(torch.device("cpu")).type == "cpu"
+    assert resolve_device("auto").type == ("cuda" if torch.cuda.is_available() else "cpu")
+    with pytest.raises(ValueError, match=r"^device=gpu0 is not a device name"):
+        resolve_device("gpu0")
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match=r"^device=cuda:1: this machine has no usable CUDA GPU"):
+            resolve_device("cuda:1")
+    check_common(OmegaConf.create({"seed": 0, "device": "cpu", "n_per_type": 2}))
+    check_common(OmegaConf.create({}))                                  # seed 0, device auto, no count
+    for cfg, msg in (({"seed": -1}, r"seed=-1 must be"), ({"seed": 1.5}, r"seed=1\.5 must be"),
+                     ({"seed": True}, r"seed=True must be"), ({"device": "gpu0"}, r"device=gpu0"),
+                     ({"n_per_type": 0}, r"n_per_type=0 must be"), ({"n_per_type": 100_001}, r"more than 100000")):
+        with pytest.raises(ValueError, match=msg):
+            check_common(OmegaConf.create(cfg))
+
+
+def test_merge_checkpoint_config_takes_the_runs_nodes_unless_the_command_line_chose(tmp_path):
+    from omegaconf import OmegaConf
+
+    from core.runs import merge_checkpoint_config
+    run = {"method": {"name": "seas", "steps": 5, "generate": {"guidance": 2.0, "n": 1}},
+           "product": "bottle", "seed": 3, "model": {"name": "mini", "path": "a=b"}}
+    (tmp_path / "config.yaml").write_text(OmegaConf.to_yaml(OmegaConf.create(run)))
+    cfg = OmegaConf.create({"method": {"name": "seas", "steps": 9, "generate": {"guidance": 7.0, "n": 4}},
+                            "product": "pill", "seed": 0, "model": {"name": "sd15", "path": "x=y"}, "n_per_type": 2})
+    # inside-node overrides keep the run's node, with the command line's value (a value holding '=' too);
+    # a "~" deletion is skipped without ending the loop; "+" adds are read like the others
+    merged = merge_checkpoint_config(cfg, tmp_path, ["~foo", "+method.generate.guidance=7.0", "seed=0",
+                                                     "model.path=x=y"])
+    assert merged.method.steps == 5 and merged.method.generate.guidance == 7.0 and merged.method.generate.n == 1
+    assert merged.seed == 0 and merged.product == "bottle" and merged.model.name == "mini" and merged.model.path == "x=y"
+    # a group choice of another method keeps the command line's node; naming the run's own keeps the run's
+    other = merge_checkpoint_config(cfg.copy(), tmp_path, ["method=cut", "product=pill"])
+    assert other.method.steps == 9 and other.product == "pill"
+    own = merge_checkpoint_config(cfg.copy(), tmp_path, ["method=seas"])
+    assert own.method.steps == 5
+    # a scalar key set inside (product.x=...) keeps the command line's value
+    assert merge_checkpoint_config(cfg.copy(), tmp_path, ["product.x=1"]).product == "pill"
