@@ -147,3 +147,40 @@ def test_gradient_checkpointing_changes_memory_not_gradients():
     assert grads[0].keys() == grads[1].keys()
     for n in grads[0]:
         torch.testing.assert_close(grads[1][n], grads[0][n], atol=1e-6, rtol=1e-5)
+
+
+def test_gradient_checkpointing_skips_exactly_the_blocks_that_hold_a_captured_layer():
+    from core.models import build_random
+    unet = build_random("tiny", seed=0).unet
+    captured = [n for n, _ in unet.named_modules() if n.endswith("attn2")][:1]
+    assert captured
+    Engine(EngineSpec(gradient_checkpointing=True), "cpu").prepare_unet(unet, captured)
+    flagged = {n: m.gradient_checkpointing for n, m in unet.named_modules() if hasattr(m, "gradient_checkpointing")}
+    holding = {n for n in flagged if captured[0].startswith(n + ".") or n == captured[0]}
+    assert holding and all(flagged[n] is False for n in holding)
+    others = [n for n in flagged if n not in holding and n]
+    assert others and all(flagged[n] is True for n in others)         # every other block still checkpoints
+    plain = build_random("tiny", seed=0).unet
+    Engine(EngineSpec(), "cpu").prepare_unet(plain, captured)
+    assert not any(getattr(m, "gradient_checkpointing", False) for m in plain.modules())
+
+
+def test_autocast_runs_bf16_on_cpu_and_nothing_without_mixed_precision():
+    a, b = torch.randn(3, 4), torch.randn(4, 2)
+    with Engine(EngineSpec("bf16"), "cpu").autocast():
+        assert (a @ b).dtype == torch.bfloat16
+    with Engine(EngineSpec("no"), "cpu").autocast():
+        assert (a @ b).dtype == torch.float32
+
+
+def test_load_refuses_other_keys_and_non_tensor_pickles_naming_the_file(tmp_path):
+    eng = Engine(EngineSpec(), "cpu")
+    table = {"a": torch.zeros(2), "b": torch.zeros(3)}
+    eng.save(tmp_path / "s.pt", 4, {"table": table})
+    got = {"a": torch.ones(2), "b": torch.ones(3)}
+    assert eng.load(tmp_path / "s.pt", {"table": got})[0] == 4 and all((v == 0).all() for v in got.values())
+    with pytest.raises(RuntimeError, match=r"Cannot resume training from .*s\.pt: .*differ from the expected"):
+        eng.load(tmp_path / "s.pt", {"table": {"a": torch.ones(2), "c": torch.ones(3)}})
+    torch.save({"step": 1, "thing": EngineSpec()}, tmp_path / "obj.pt")
+    with pytest.raises(RuntimeError, match=r"obj\.pt: it holds more than tensors and plain containers"):
+        eng.load(tmp_path / "obj.pt")
