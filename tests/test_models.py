@@ -144,3 +144,43 @@ def test_a_truncated_weight_file_is_one_error_naming_the_model(tmp_path, part):
     f.write_bytes(f.read_bytes()[: f.stat().st_size // 3])
     with pytest.raises(ModelNotFoundError, match=f"Could not load .* from '{tmp_path / 'm'}'"):
         load_model({"kind": "diffusers", "path": str(tmp_path / "m")})
+
+
+def test_a_saved_model_is_a_diffusers_pipeline_directory_and_reloads_in_the_asked_dtype(tmp_path):
+    import json
+
+    from diffusers import StableDiffusionPipeline
+
+    from core.models import ModelNotFoundError, build_random, load_diffusers_dir
+    comp = build_random("tiny", seed=0)
+    out = tmp_path / "model"
+    stale = tmp_path / "model.partial"
+    (stale / "junk").mkdir(parents=True)                     # a save interrupted earlier: replaced, not merged
+    comp.save(out, config={"a": 1})
+    assert not stale.exists() and not (out / "junk").exists()
+    index = json.loads((out / "model_index.json").read_text())
+    assert index["_class_name"] == "StableDiffusionPipeline" and index["unet"] == ["diffusers", "UNet2DConditionModel"]
+    for name in ("unet", "vae", "text_encoder"):
+        assert "_name_or_path" not in json.loads((out / name / "config.json").read_text())
+    pipe = StableDiffusionPipeline.from_pretrained(out, local_files_only=True, safety_checker=None)
+    assert torch.equal(pipe.unet.conv_in.weight, comp.unet.conv_in.weight)
+    assert pipe.scheduler.config.num_train_timesteps == comp.scheduler.config.num_train_timesteps
+    again = load_diffusers_dir(out)
+    assert again.unet.dtype == torch.float32 and again.resolution == comp.resolution
+    assert again.scheduler.config.beta_schedule == comp.scheduler.config.beta_schedule
+    half = load_diffusers_dir(out, dtype=torch.bfloat16)
+    assert {half.unet.dtype, half.vae.dtype, half.text_encoder.dtype} == {torch.bfloat16}
+    (out / "unet" / "diffusion_pytorch_model.safetensors").write_bytes(b"not a safetensors file")
+    with pytest.raises(ModelNotFoundError, match=r"Could not load my prior from '.*model': .*set my\.key\."):
+        load_diffusers_dir(out, what="my prior", key="my.key")
+
+
+def test_tokenize_pads_and_truncates_every_prompt_to_the_model_length():
+    from core.models import build_tokenizer
+    from core.models.tokenizer import tokenize
+    tok = build_tokenizer()
+    long = " ".join(["bottle"] * (tok.model_max_length + 20))
+    ids = tokenize(tok, ["a bottle", "", long])
+    assert ids.shape == (3, tok.model_max_length) and ids.dtype == torch.int64
+    assert ids[0, 0] == tok.bos_token_id and ids[1, 1] == tok.eos_token_id          # "" is <bos><eos><pad>...
+    assert (ids[1, 2:] == tok.pad_token_id).all() and ids[2, -1] == tok.eos_token_id  # the long one: cut, ended
