@@ -11,7 +11,8 @@ low-level mutant run minutes of pipeline). For each group this script makes a sc
 (links to the sources, and pyproject.toml with ``only_mutate`` and the test selection of that group written into
 [tool.mutmut]) and runs ``mutmut run`` there. mutmut copies the sources to ``mutants/``, learns in one pass over the
 group's tests which tests reach each function, then runs only those tests for each mutant (forked, two at a time on 2
-cores). It resumes: a rerun tests only new or changed functions.
+cores). It resumes: a rerun tests only new or changed functions, unless the group's tests changed (then the group
+starts afresh, since mutmut alone would keep the old verdicts).
 
 Prints, per module, killed / survived / timed out / other (no tests reach it, skipped, suspicious) and the score
 killed / (killed + survived + timed out): a timeout counts against the score. ``--out FILE`` also writes the table and
@@ -22,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import ast
+import hashlib
 import os
 import re
 import shutil
@@ -198,6 +200,17 @@ def classify_survivors(mutants_root: Path, names: list[str]) -> dict[str, str]:
     return out
 
 
+def tests_digest(group: Group, root: Path = REPO) -> str:
+    """A hash of what judges the group's mutants: its test files and the shared test helpers. mutmut keeps a verdict
+    while the mutated function is unchanged, even when the tests changed; this digest tells the script to start the
+    group afresh then."""
+    h = hashlib.sha256()
+    for rel in sorted({*group.tests, *(str(p.relative_to(root)) for p in (root / "tests").glob("*.py")
+                                       if not p.name.startswith("test_"))}):
+        h.update(rel.encode() + b"\0" + (root / rel).read_bytes() + b"\0")
+    return h.hexdigest()
+
+
 def parse_results(text: str) -> dict[str, str]:
     out = {}
     for line in text.splitlines():
@@ -251,6 +264,8 @@ def main(argv=None) -> str:
     ap.add_argument("modules", nargs="*", help="dotted module names (default: every module of every group)")
     ap.add_argument("--group", action="append", default=[], help="run these groups of [tool.mutation_score]")
     ap.add_argument("--max-children", type=int, default=2)
+    ap.add_argument("--fresh", action="store_true", help="judge every mutant again (default: only when a group's "
+                                                         "tests changed, or its functions did)")
     ap.add_argument("--out", type=Path, help="also write the table and the survivors (markdown) here")
     args = ap.parse_args(argv)
     base, groups = load_groups()
@@ -277,9 +292,14 @@ def main(argv=None) -> str:
             continue
         work = prepare(group, files, base)
         print(f"== group {group.name}: {len(files)} modules, tests {' '.join(group.tests)}", flush=True)
+        digest, stamp = tests_digest(group), work / "tests.sha256"
+        if (work / "mutants").exists() and (args.fresh or not stamp.is_file() or stamp.read_text() != digest):
+            print(f"   {'--fresh' if args.fresh else 'the tests changed'}: judging every mutant again", flush=True)
+            shutil.rmtree(work / "mutants")
         run = subprocess.run([exe, "run", "--max-children", str(args.max_children)], cwd=work, env=env)
         if run.returncode:
             raise SystemExit(f"mutmut run failed in {work} (exit {run.returncode}); its output is above.")
+        stamp.write_text(digest)
         out = subprocess.run([exe, "results", "--all", "true"], cwd=work, env=env, capture_output=True, text=True,
                              check=True).stdout
         wanted = {dotted(f) for f in files}

@@ -194,3 +194,17 @@ def test_mutation_score_puts_every_module_in_one_group_with_existing_tests(tmp_p
     assert cfg["tool"]["mutmut"]["pytest_add_cli_args_test_selection"] == ["tests/test_engine.py"]
     assert cfg["tool"]["mutmut"]["also_copy"] == base["also_copy"] and "mutation_score" not in cfg["tool"]
     assert cfg["tool"]["pytest"]["ini_options"]["addopts"] == "-q"
+
+def test_mutation_score_starts_a_group_afresh_only_when_what_judges_it_changed(tmp_path):
+    mod = _mutation_score_module()
+    (tmp_path / "tests").mkdir()
+    for name in ("test_a.py", "test_b.py", "conftest.py", "trees.py"):
+        (tmp_path / "tests" / name).write_text(f"# {name}\n")
+    g = mod.Group("g", ("core/x.py",), ("tests/test_a.py",))
+    first = mod.tests_digest(g, tmp_path)
+    (tmp_path / "tests" / "test_b.py").write_text("# another group's tests\n")
+    assert mod.tests_digest(g, tmp_path) == first
+    for name in ("test_a.py", "trees.py", "conftest.py"):
+        (tmp_path / "tests" / name).write_text(f"# {name} changed\n")
+        assert mod.tests_digest(g, tmp_path) != first
+        first = mod.tests_digest(g, tmp_path)
