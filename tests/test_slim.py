@@ -93,3 +93,22 @@ def test_another_base_is_refused_with_the_fix(tmp_path):
         load_slim(tmp_path / "gen", {"kind": "tiny", "seed": 1})
     assert "model.path" in str(e.value) and str(tmp_path / "gen") in str(e.value)
     assert not (tmp_path / "gen.partial").exists()
+
+
+def test_weights_hash_is_the_documented_digest_of_names_shapes_values_and_vocabulary():
+    """The hash is stored in slim checkpoints, so its format must not drift: recomputed here from its description."""
+    import hashlib
+    import json
+
+    comp = build_random("tiny", seed=0)
+    h = hashlib.sha256()
+    for part in ("unet", "vae", "text_encoder"):
+        for name, v in sorted(getattr(comp, part).state_dict().items()):
+            t = v.detach().float() if v.is_floating_point() else v.detach()
+            h.update(f"{part}.{name}:{tuple(t.shape)}:{t.dtype};".encode())
+            h.update(t.contiguous().view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    h.update(json.dumps(comp.tokenizer.get_vocab(), sort_keys=True).encode())
+    assert weights_hash(comp) == h.hexdigest()
+    with torch.no_grad():
+        comp.vae.decoder.conv_out.bias[0] += 1e-3
+    assert weights_hash(comp) != h.hexdigest()
