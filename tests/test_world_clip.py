@@ -198,3 +198,16 @@ def test_defect_score_is_the_damaged_side_of_a_two_way_softmax_and_products_the_
     expected = torch.softmax(10.0 * emb @ torch.tensor([[1.0, 0.0], [0.0, 1.0]]).T, dim=1)[:, 1]
     assert torch.allclose(p, expected) and p[0] > 0.99 and p[1] < 0.01
     assert zero_shot_products(Stub(), emb, ("bottle", "pill", "cable")).tolist() == [2, 0, 1]
+
+
+def test_report_images_are_the_test_split_balanced_per_product_and_scaled(bottle_world):
+    from core.data import load_synthetic
+    from core.models.clip_report import _load_test_images
+    x, products, labels = _load_test_images(str(bottle_world), ["bottle"], 0, 64, cap=3)
+    assert x.shape == (3, 3, 64, 64) and products == ["bottle"] * 3 and labels.tolist() == [0, 1, 1]
+    assert 0 <= x.min() and x.max() <= 1 and x.max() > 0.5
+    table = [s for s in load_synthetic(bottle_world, ["bottle"], seed=0, resolution=64) if s.split == "test"]
+    full, _, full_labels = _load_test_images(str(bottle_world), ["bottle"], 0, 64, cap=None)
+    assert len(full) == len(table) and full_labels.tolist() == [s.label for s in table]
+    from core.data import read_image
+    assert torch.allclose(full[0], torch.from_numpy(read_image(table[0].path)).permute(2, 0, 1).float() / 255)
