@@ -3,6 +3,7 @@ import math
 
 import pytest
 
+import numpy as np
 import torch
 
 from segmentation.scores import max_score, pooled_max_score
@@ -198,3 +199,47 @@ def test_training_batches_schedules_and_steps_hand_worked():
     xs, ms = augment(x, m, torch.Generator().manual_seed(0))
     assert all(torch.equal(xs[i, :1], ms[i]) for i in range(8))
     assert len({ms[i].flatten().tolist().__str__() for i in range(8)}) > 2     # it did move them
+
+
+def test_patchcore_blur_is_scipys_gaussian_filter_truncated_at_4_sigma():
+    from scipy import ndimage
+
+    from segmentation.patchcore import gaussian_blur
+    x = torch.rand(2, 20, 24, dtype=torch.float64)
+    for sigma in (0.7, 1.5):
+        want = np.stack([ndimage.gaussian_filter(m.numpy(), sigma, mode="mirror", truncate=4.0) for m in x])
+        assert np.allclose(gaussian_blur(x, sigma).numpy(), want, atol=1e-10)
+    assert gaussian_blur(x, 0) is x
+
+
+def test_draem_ssim_is_the_gaussian_window_formula_with_zero_padding():
+    from scipy import ndimage
+    from scipy.signal.windows import gaussian
+
+    from segmentation.draem import ssim
+    g = torch.Generator().manual_seed(0)
+    x = torch.rand(2, 3, 13, 17, generator=g, dtype=torch.float64)
+    y = (x + 0.2 * torch.rand(2, 3, 13, 17, generator=g, dtype=torch.float64)).clamp(0, 1)
+    w = np.outer(gaussian(11, 1.5), gaussian(11, 1.5))
+    w /= w.sum()
+    f = lambda a: ndimage.correlate(a, w, mode="constant")   # noqa: E731
+    vals = []
+    for a, b in zip(x.reshape(-1, 13, 17).numpy(), y.reshape(-1, 13, 17).numpy()):
+        ma, mb = f(a), f(b)
+        saa, sbb, sab = f(a * a) - ma ** 2, f(b * b) - mb ** 2, f(a * b) - ma * mb
+        c1, c2 = 0.01 ** 2, 0.03 ** 2
+        vals.append(((2 * ma * mb + c1) * (2 * sab + c2)) / ((ma ** 2 + mb ** 2 + c1) * (saa + sbb + c2)))
+    assert float(ssim(x, y)) == pytest.approx(float(np.mean(vals)), rel=1e-9)
+    assert float(ssim(x, x)) == pytest.approx(1.0)
+
+
+def test_greedy_coreset_keeps_everything_when_asked_for_as_many_and_spreads_over_clusters():
+    from segmentation.patchcore import greedy_coreset
+    f = torch.randn(7, 5)
+    assert torch.equal(greedy_coreset(f, 7), torch.arange(7)) and torch.equal(greedy_coreset(f, 9), torch.arange(7))
+    g = torch.Generator().manual_seed(1)
+    centres = torch.randn(4, 200, generator=g) * 50
+    feats = torch.cat([c + torch.randn(30, 200, generator=g) for c in centres])      # 4 far-apart clusters of 30
+    picks = greedy_coreset(feats, 4, projection_dim=16, seed=3)
+    assert sorted((picks // 30).tolist()) == [0, 1, 2, 3]                              # one from each cluster
+    assert torch.equal(picks, greedy_coreset(feats, 4, projection_dim=16, seed=3))
