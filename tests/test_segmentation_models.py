@@ -243,3 +243,34 @@ def test_greedy_coreset_keeps_everything_when_asked_for_as_many_and_spreads_over
     picks = greedy_coreset(feats, 4, projection_dim=16, seed=3)
     assert sorted((picks // 30).tolist()) == [0, 1, 2, 3]                              # one from each cluster
     assert torch.equal(picks, greedy_coreset(feats, 4, projection_dim=16, seed=3))
+
+
+def test_perlin_noise_is_zero_on_the_lattice_and_continuous_between():
+    from segmentation.draem import perlin_2d
+    torch.manual_seed(0)
+    n = perlin_2d(12, 20, (3, 4))                    # lattice every 4 rows and every 5 columns
+    assert n.shape == (12, 20)
+    assert torch.allclose(n[::4, ::5], torch.zeros(3, 4), atol=1e-6)
+    assert n.abs().max() > 0.1 and (n[1:] - n[:-1]).abs().max() < 0.6 and (n[:, 1:] - n[:, :-1]).abs().max() < 0.6
+    torch.manual_seed(0)
+    assert torch.equal(perlin_2d(12, 20, (3, 4)), n)
+
+
+def test_draem_anomaly_source_reads_every_image_of_a_folder_tree_at_the_size(tmp_path):
+    from omegaconf import OmegaConf
+    from PIL import Image
+
+    from core.data import DatasetError
+    from segmentation.protocols import anomaly_source
+    (tmp_path / "dtd" / "banded").mkdir(parents=True)
+    (tmp_path / "dtd" / "dotted" / "deep").mkdir(parents=True)
+    for i, rel in enumerate(["top.png", "banded/a.jpg", "banded/b.png", "dotted/deep/c.png"]):
+        Image.fromarray(np.full((9, 7, 3), 40 * i, np.uint8)).save(tmp_path / "dtd" / rel)
+    (tmp_path / "dtd" / "notes.txt").write_text("not an image")
+    imgs = anomaly_source(OmegaConf.create({"downstream": {"anomaly_source": str(tmp_path / "dtd")}}), 16)
+    assert len(imgs) == 4 and all(t.shape == (3, 16, 16) for t in imgs)
+    assert sorted(round(float(t.mean()) * 255) for t in imgs) == [0, 40, 80, 120]
+    assert anomaly_source(OmegaConf.create({"downstream": {"anomaly_source": None}}), 16) is None
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(DatasetError, match="holds no images"):
+        anomaly_source(OmegaConf.create({"downstream": {"anomaly_source": str(tmp_path / "empty")}}), 16)
