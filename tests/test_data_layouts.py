@@ -144,3 +144,35 @@ def test_visa_rejects_a_repeated_row_naming_its_csv_line(tmp_path):
         csv.writer(f).writerows(rows)
     with pytest.raises(DatasetError, match=r"line 7 lists image .* twice"):
         load_visa(root)
+
+
+def test_overlay_tints_the_mask_and_outlines_it():
+    from core.data.visualize import overlay
+    img = np.full((9, 11, 3), 100, np.uint8)
+    m = np.zeros((9, 11), bool)
+    m[2:7, 3:9] = True
+    out = overlay(img, m, colour=(200, 0, 50))
+    assert out.dtype == np.uint8 and out.shape == img.shape
+    assert out[4, 5].tolist() == [140, 60, 80]                 # inside: 0.6 * 100 + 0.4 * colour
+    assert out[2, 5].tolist() == [200, 0, 50] and out[1, 5].tolist() == [200, 0, 50]   # the outline, both sides
+    assert out[0, 0].tolist() == [100, 100, 100]               # outside: untouched
+
+
+def test_grids_lay_out_one_row_per_group_with_labels_and_refuse_nothing_to_show(tmp_path):
+    from PIL import Image
+
+    from core.data.visualize import LABEL_W, contact_sheet, labelled_grid
+    a, b = np.zeros((20, 30, 3), np.uint8), np.full((40, 10, 3), 255, np.uint8)
+    path = labelled_grid([(["x"], [a, b, a]), (["y", "z"], [b])], tmp_path / "g" / "grid.png", cell=16)
+    grid = np.asarray(Image.open(path))
+    assert grid.shape == (2 * 16, LABEL_W + 3 * 16, 3) and not (tmp_path / "g" / "grid.tmp.png").exists()
+    assert (grid[16:, LABEL_W + 16:] == 0).all()                # the short row is padded with black cells
+    assert (grid[:16, LABEL_W + 16:LABEL_W + 32] == 255).all()   # its images in order, resized to the cell
+    with pytest.raises(ValueError, match="labelled_grid: no rows"):
+        labelled_grid([], tmp_path / "none.png")
+    table = load_mvtec_ad(trees.mvtec_ad(tmp_path / "m"))
+    sheet = np.asarray(Image.open(contact_sheet(table, tmp_path / "sheet.png", per_row=3, cell=8)))
+    groups = {(s.product, s.split, s.anomaly_type) for s in table}
+    assert sheet.shape == (len(groups) * 8, LABEL_W + 3 * 8, 3)
+    with pytest.raises(ValueError, match="contact_sheet: no samples"):
+        contact_sheet([], tmp_path / "none.png")
