@@ -1,4 +1,6 @@
 """Each real layout loads into the samples table with masks that line up with the defects."""
+from pathlib import Path
+
 import numpy as np
 import pytest
 
@@ -176,3 +178,34 @@ def test_grids_lay_out_one_row_per_group_with_labels_and_refuse_nothing_to_show(
     assert sheet.shape == (len(groups) * 8, LABEL_W + 3 * 8, 3)
     with pytest.raises(ValueError, match="contact_sheet: no samples"):
         contact_sheet([], tmp_path / "none.png")
+
+
+def test_load_synthetic_builds_only_at_the_default_root_or_when_asked_and_checks_the_worlds_record(tmp_path,
+                                                                                                  monkeypatch):
+    import json
+
+    import core.data.synthetic as S
+    from core.data import DatasetError, load_synthetic
+    built = []
+
+    def fake_build(root, cfg):          # a tiny tree instead of the real world (what load_synthetic asks for is checked)
+        built.append((Path(root).name, cfg.seed, cfg.resolution))
+        trees.mvtec_ad(Path(root), products=("bottle", "pill"))
+        (Path(root) / "world.json").write_text(json.dumps({"seed": cfg.seed, "resolution": cfg.resolution}))
+
+    monkeypatch.setattr(S, "build_world", fake_build)
+    default = tmp_path / "synthetic" / "seed3_res64"
+    rows = load_synthetic(default, ["pill"], seed=3, resolution=64)
+    assert built == [("seed3_res64", 3, 64)] and {s.product for s in rows} == {"pill"}
+    assert load_synthetic(default, seed=3, resolution=64) and len(built) == 1          # built once, then loaded
+    other = tmp_path / "mine"
+    with pytest.raises(DatasetError, match=r"dataset.root=.*mine does not exist .*seed0_res128.*dataset.build=true"):
+        load_synthetic(other)
+    for flag, name in ((True, "a"), ("true", "b"), ("True", "c")):
+        load_synthetic(tmp_path / name, build=flag)
+        assert built[-1] == (name, 0, 128)
+    with pytest.raises(DatasetError, match=r"holds a world built with seed 3, resolution 64 but the config says "
+                                           r"seed 0, resolution 128 .* Fix: add dataset.seed=3 dataset.resolution=64"):
+        load_synthetic(default)
+    with pytest.raises(DatasetError, match=r"built with resolution 64 but the config says resolution 32"):
+        load_synthetic(default, seed=3, resolution=32)
