@@ -313,3 +313,21 @@ def test_token_reweight_by_hand_on_its_layers_only_with_a_cfg_batch_map():
     got = on_logits.edit_logits("any", x)
     assert torch.allclose(got[..., [0, 2]], 1.5 * x[..., [0, 2]]) and torch.equal(got[..., 1], x[..., 1])
     assert torch.equal(on_logits.edit_probs("any", x), x)
+
+
+def test_block_resolution_of_every_cross_attention_layer_is_the_side_its_queries_run_at(tiny):
+    L = tiny.latent_size
+    layers = cross_attention_layers(tiny.unet)
+    assert {n.split(".")[0] for n in layers} == {"down_blocks", "mid_block", "up_blocks"}
+    z, t, ctx = _inputs(tiny, 1)
+    with torch.no_grad(), attention_control(tiny.unet, layers, AttentionStore()) as store:
+        tiny.unet(z, t, ctx)
+    for n in layers:
+        queries = store.maps[n][0].shape[-2]
+        assert block_resolution(n, L, 4) ** 2 == queries, n
+    assert block_resolution("up_blocks.1.attentions.0", 32, 4) == 8 and block_resolution("mid_block.x", 32, 4) == 4
+    with pytest.raises(ValueError, match="not inside a U-Net block"):
+        block_resolution("conv_in", 32, 4)
+    with pytest.raises(KeyError, match=r"Not attention modules .*down_blocks\.9"):
+        with attention_control(tiny.unet, ["down_blocks.9.attn2"]):
+            pass
