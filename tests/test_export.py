@@ -59,6 +59,8 @@ def test_resume_skips_finished_items_and_removes_orphans_and_a_torn_line(tmp_pat
     w2 = GeneratedWriter(tmp_path, "bottle", "seas", {"a": 1})
     assert w2.is_done("crack", 0) and not w2.is_done("crack", 1)
     assert not img1.exists() and not mask1.exists() and not (img1.parent / ".0002.png.tmp-123").exists()
+    img0, mask0 = w.anomaly_paths("crack", 0)
+    assert img0.exists() and mask0.exists()        # the recorded item keeps both its files
     lines = (tmp_path / MANIFEST).read_text().splitlines()
     assert len(lines) == 1 and json.loads(lines[0])["index"] == 0
     w2.write_anomaly("crack", 1, _img(), _mask())
