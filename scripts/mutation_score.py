@@ -250,10 +250,11 @@ def _row(name: str, c: Counter) -> str:
     return f"| {name} | {k} | {s} ({msg}) | {t} | {other} | {pct(k, k + s + t)} | {pct(k, k + s + t - msg)} |"
 
 
-def write_report(path: Path, results: dict[str, str], kinds: dict[str, str]) -> None:
+def write_report(path: Path, results: dict[str, str], kinds: dict[str, str], stale: list[str] = ()) -> None:
     survivors = sorted(n for n, s in results.items() if s in ("survived", "timeout"))
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(score_table(results, kinds) + "\n\nSurvivors and timeouts (`mutmut show <name>` in "
+    note = f"\n\nStale groups (their tests changed since these verdicts): {', '.join(stale)}." if stale else ""
+    path.write_text(score_table(results, kinds) + note + "\n\nSurvivors and timeouts (`mutmut show <name>` in "
                     f"{WORK}/<group>/ shows one):\n\n"
                     + "".join(f"- `{n}`: {results[n]}{', message only' if kinds.get(n) == 'message' else ''}\n"
                               for n in survivors))
@@ -264,6 +265,8 @@ def main(argv=None) -> str:
     ap.add_argument("modules", nargs="*", help="dotted module names (default: every module of every group)")
     ap.add_argument("--group", action="append", default=[], help="run these groups of [tool.mutation_score]")
     ap.add_argument("--max-children", type=int, default=2)
+    ap.add_argument("--no-run", action="store_true", help="only report the verdicts of the last runs (a group whose "
+                                                          "tests changed since is marked stale)")
     ap.add_argument("--fresh", action="store_true", help="judge every mutant again (default: only when a group's "
                                                          "tests changed, or its functions did)")
     ap.add_argument("--out", type=Path, help="also write the table and the survivors (markdown) here")
@@ -286,20 +289,29 @@ def main(argv=None) -> str:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}  # forked children: no thread pools
     results: dict[str, str] = {}
     kinds: dict[str, str] = {}
+    stale: list[str] = []
     for group in groups:
         files = [f for f in chosen if owner[f] is group]
         if not files:
             continue
         work = prepare(group, files, base)
-        print(f"== group {group.name}: {len(files)} modules, tests {' '.join(group.tests)}", flush=True)
         digest, stamp = tests_digest(group), work / "tests.sha256"
-        if (work / "mutants").exists() and (args.fresh or not stamp.is_file() or stamp.read_text() != digest):
-            print(f"   {'--fresh' if args.fresh else 'the tests changed'}: judging every mutant again", flush=True)
-            shutil.rmtree(work / "mutants")
-        run = subprocess.run([exe, "run", "--max-children", str(args.max_children)], cwd=work, env=env)
-        if run.returncode:
-            raise SystemExit(f"mutmut run failed in {work} (exit {run.returncode}); its output is above.")
-        stamp.write_text(digest)
+        if args.no_run:
+            if not (work / "mutants").exists():
+                print(f"== group {group.name}: never run", flush=True)
+                continue
+            if not stamp.is_file() or stamp.read_text() != digest:
+                print(f"== group {group.name}: STALE (its tests changed since its last run)", flush=True)
+                stale.append(group.name)
+        else:
+            print(f"== group {group.name}: {len(files)} modules, tests {' '.join(group.tests)}", flush=True)
+            if (work / "mutants").exists() and (args.fresh or not stamp.is_file() or stamp.read_text() != digest):
+                print(f"   {'--fresh' if args.fresh else 'the tests changed'}: judging every mutant again", flush=True)
+                shutil.rmtree(work / "mutants")
+            run = subprocess.run([exe, "run", "--max-children", str(args.max_children)], cwd=work, env=env)
+            if run.returncode:
+                raise SystemExit(f"mutmut run failed in {work} (exit {run.returncode}); its output is above.")
+            stamp.write_text(digest)
         out = subprocess.run([exe, "results", "--all", "true"], cwd=work, env=env, capture_output=True, text=True,
                              check=True).stdout
         wanted = {dotted(f) for f in files}
@@ -307,8 +319,10 @@ def main(argv=None) -> str:
         results.update(got)
         kinds.update(classify_survivors(work / "mutants", [n for n, s in got.items() if s == "survived"]))
         if args.out:  # after each group, so that a long run shows its progress
-            write_report(args.out, results, kinds)
+            write_report(args.out, results, kinds, stale)
     table = score_table(results, kinds)
+    if stale:
+        table += f"\n\nStale groups (their tests changed since these verdicts): {', '.join(stale)}."
     print(table)
     return table
 
