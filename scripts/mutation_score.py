@@ -4,6 +4,7 @@
     python scripts/mutation_score.py                                # every group of [tool.mutation_score]
     python scripts/mutation_score.py core.metrics.detection core.data.splits   # some modules (their groups' tests)
     python scripts/mutation_score.py --group metrics --group engine
+    python scripts/mutation_score.py --no-run                       # the last verdicts of every group, no run
 
 pyproject.toml's ``[[tool.mutation_score.group]]`` tables put every module of core/ and segmentation/ in exactly one
 group, with the test files that judge it (its unit tests; the end-to-end tests are left out, they would make every
