@@ -133,3 +133,15 @@ def test_half_of_three_trains_one_and_one_third_of_five_trains_one():
     assert _n_train("half", 3, 0) == (0, 1) and _n_train("half", 1, 0) == (0, 1)
     assert _n_train("one_third", 5, 0) == (0, 1) and _n_train("one_third", 2, 0) == (0, 1)
     assert _n_train("two_fold", 5, 0) == (0, 3) and _n_train("two_fold", 5, 1) == (3, 5)
+
+
+def test_k_shot_products_of_equal_size_draw_different_shots():
+    # each product's stream is seeded by (seed, product): two products do not get the same positions in their pools
+    from core.data import Sample
+    rows = [Sample(f"/{p}/{i:02d}.png", "train", p, "good", 0) for p in ("pill", "zipper") for i in range(12)]
+    same = []
+    for seed in range(5):
+        shots = apply_split(rows, "k_shot", k=3, seed=seed).train
+        pos = {p: sorted(int(s.name[:2]) for s in shots if s.product == p) for p in ("pill", "zipper")}
+        same.append(pos["pill"] == pos["zipper"])
+    assert not all(same)
