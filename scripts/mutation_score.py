@@ -25,6 +25,7 @@ from __future__ import annotations
 import argparse
 import ast
 import hashlib
+import json
 import os
 import re
 import shutil
@@ -103,21 +104,10 @@ def assign_modules(groups: list[Group], root: Path = REPO) -> dict[str, Group]:
 
 
 def mutmut_table(base: dict, only_mutate: list[str], tests: list[str]) -> str:
-    """The [tool.mutmut] table of a group's scratch copy (TOML, values written as JSON-compatible lists/strings)."""
-    cfg = dict(base)
-    cfg["only_mutate"] = only_mutate
-    cfg["pytest_add_cli_args_test_selection"] = tests
-
-    def value(v):
-        if isinstance(v, list):
-            return "[" + ", ".join(value(x) for x in v) + "]"
-        if isinstance(v, bool):
-            return "true" if v else "false"
-        if isinstance(v, (int, float)):
-            return repr(v)
-        return '"' + str(v).replace("\\", "\\\\").replace('"', '\\"') + '"'
-
-    return "[tool.mutmut]\n" + "".join(f"{k} = {value(v)}\n" for k, v in cfg.items())
+    """The [tool.mutmut] table of a group's scratch copy. JSON strings, numbers, booleans and lists are valid TOML
+    values, so each value is written with ``json.dumps``."""
+    cfg = {**base, "only_mutate": only_mutate, "pytest_add_cli_args_test_selection": tests}
+    return "[tool.mutmut]\n" + "".join(f"{k} = {json.dumps(v)}\n" for k, v in cfg.items())
 
 
 def with_mutmut_table(pyproject_text: str, table: str) -> str:

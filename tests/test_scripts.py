@@ -164,10 +164,12 @@ def test_mutation_score_tells_a_message_only_mutant_from_a_code_mutant(tmp_path)
         "def x_f__mutmut_1(a):\n    if a < 0:\n        raise ValueError(None)\n    return 'x' + str(a)\n"
         "def x_f__mutmut_2(a):\n    if a < 0:\n        raise ValueError('XXf: a < 0XX')\n    return 'x' + str(a)\n"
         "def x_f__mutmut_3(a):\n    if a < 1:\n        raise ValueError(f'f: a={a} < 0')\n    return 'x' + str(a)\n"
-        "def x_f__mutmut_4(a):\n    if a < 0:\n        raise ValueError(f'f: a={a} < 0')\n    return 'XXxXX' + str(a)\n")
-    kinds = mod.classify_survivors(tmp_path, [f"core.m.x_f__mutmut_{i}" for i in (1, 2, 3, 4)])
+        "def x_f__mutmut_4(a):\n    if a < 0:\n        raise ValueError(f'f: a={a} < 0')\n    return 'XXxXX' + str(a)\n"
+        "def x_f__mutmut_5(a):\n    if a < 0:\n        raise ValueError(None)\n    return 'y' + str(a)\n")
+    kinds = mod.classify_survivors(tmp_path, [f"core.m.x_f__mutmut_{i}" for i in (1, 2, 3, 4, 5)])
+    # 5 changes the message and the result: not a message-only mutant
     assert kinds == {"core.m.x_f__mutmut_1": "message", "core.m.x_f__mutmut_2": "message",
-                     "core.m.x_f__mutmut_3": "code", "core.m.x_f__mutmut_4": "code"}
+                     "core.m.x_f__mutmut_3": "code", "core.m.x_f__mutmut_4": "code", "core.m.x_f__mutmut_5": "code"}
 
 
 def test_mutation_score_puts_every_module_in_one_group_with_existing_tests(tmp_path):
@@ -178,6 +180,7 @@ def test_mutation_score_puts_every_module_in_one_group_with_existing_tests(tmp_p
     assert owner["core/data/synthetic/world.py"].name == "synthetic"   # core/data/*.py stays in core/data/
     assert mod.matches("core/data/splits.py", "core/data/*.py") and not mod.matches("core/data/synthetic/w.py",
                                                                                      "core/data/*.py")
+    assert not mod.matches("old/core/data/splits.py", "core/data/*.py")    # anchored at the repository root
     assert all((REPO / t).is_file() for g in groups for t in g.tests)
     # a module in two groups, or in none, is an error naming it
     twice = groups + [mod.Group("dup", ("core/engine.py",), ("tests/test_engine.py",))]
