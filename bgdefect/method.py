@@ -23,6 +23,7 @@ from tqdm.auto import tqdm
 
 from core.data import DatasetError, Sample, given_mask_files, load_from_config, read_image, read_mask, \
     require_masks, screen_empty_masks, split_from_config, training_normals
+from core.data.pairing import nearest_normals
 from core.data.torch_dataset import PairedTransform, to_tensor
 from core.diffusion import attention_control, cross_attention_layers, ddim_invert, inference_scheduler, layers_at
 from core.engine import Engine, EngineSpec, inference_dtype, make_adamw
@@ -205,6 +206,7 @@ def train(cfg: DictConfig, run_dir: Path) -> Path:
 
 
 # --------------------------------------------------------------------------------------------------- generate
+PLACEMENTS = ("any", "nearest")
 EPS_TIMESTEPS, MASK_SOURCES, REFINE_TOKENS, REFINE_NORMALIZE = ("previous", "target"), ("train", "dir"), \
     ("defect_words", "non_start"), ("none", "max")
 
@@ -344,6 +346,11 @@ def generate(cfg: DictConfig, checkpoint: Path | None, out_dir: Path) -> Path:
     inv = g.inversion
     eps_timestep = _choice(inv.eps_timestep, EPS_TIMESTEPS, "method.generate.inversion.eps_timestep")
     mask_source = _choice(g.masks, MASK_SOURCES, "method.generate.masks")
+    placement = _choice(g.get("placement", "any"), PLACEMENTS, "method.generate.placement")
+    if placement == "nearest" and mask_source != "train":
+        raise ValueError("method.generate.placement=nearest puts a training mask on the normal images most like the "
+                         "anomaly image it was drawn on; method.generate.masks=dir gives masks without their images. "
+                         "Fix: method.generate.placement=any, or method.generate.masks=train.")
     ref = g.refine
     tokens_rule = _choice(ref.tokens, REFINE_TOKENS, "method.generate.refine.tokens")
     normalize = _choice(ref.normalize, REFINE_NORMALIZE, "method.generate.refine.normalize")
@@ -376,6 +383,7 @@ def generate(cfg: DictConfig, checkpoint: Path | None, out_dir: Path) -> Path:
     writer = writer or open_writer()
     bs = int(g.batch_size)
     src_cache: dict[int, torch.Tensor] = {}
+    small: torch.Tensor | None = None   # every normal at 32 px, for placement=nearest
     try:
         for ty in types:
             items = [i for i in range(n)]
@@ -388,7 +396,15 @@ def generate(cfg: DictConfig, checkpoint: Path | None, out_dir: Path) -> Path:
             if dtype != torch.float32:
                 comp.to(dtype=dtype)
             res = comp.resolution
-            bank = load_pairs(by_type[ty], res)[1][:, 0] if mask_source == "train" else None
+            bank_images, bank = load_pairs(by_type[ty], res) if mask_source == "train" else (None, None)
+            bank = None if bank is None else bank[:, 0]
+            near = None
+            if placement == "nearest":
+                k = positive_int(g.placement_k, "method.generate.placement_k", 1_000_000)
+                if small is None:
+                    small = torch.stack([F.interpolate(load_normal(p, res)[None], size=(32, 32), mode="area")[0]
+                                         for p in tqdm(normals, desc="normals for placement=nearest", leave=False)])
+                near = nearest_normals(bank_images, bank, small, min(k, len(normals)))
             parts = meta["prompts"][ty]
             with torch.no_grad():
                 c1, L = two_part_condition(comp.encode_prompt, [parts["defect"]], [parts["background"]])
@@ -404,7 +420,11 @@ def generate(cfg: DictConfig, checkpoint: Path | None, out_dir: Path) -> Path:
                 gens = [item_generator(int(cfg.seed), product, ty, i) for i in b]
                 src = [int(torch.randint(len(normals), (1,), generator=gen)) for gen in gens]
                 if mask_source == "train":
-                    masks = torch.stack([bank[int(torch.randint(bank.shape[0], (1,), generator=gen))] for gen in gens])
+                    picks = [int(torch.randint(bank.shape[0], (1,), generator=gen)) for gen in gens]
+                    masks = bank[picks]
+                    if near is not None:   # the normal: one of the k most like the mask's own anomaly image
+                        src = [int(near[j, int(torch.randint(near.shape[1], (1,), generator=gen))])
+                               for j, gen in zip(picks, gens)]
                 else:
                     files = given[ty]
                     picked = [files[int(torch.randint(len(files), (1,), generator=gen))] for gen in gens]

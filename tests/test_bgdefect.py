@@ -482,6 +482,44 @@ def test_generate_writes_each_type_on_normals_with_training_masks_and_resumes(bo
         assert (tmp_path / "gen2" / r["image"]).read_bytes() == first[r["image"]]
 
 
+def test_placement_nearest_puts_each_mask_on_a_normal_like_its_own_anomaly_image(bottle_world, tmp_path):
+    """placement=nearest, k=1: each item's source normal is the training normal nearest (outside the defect) to the
+    anomaly image its target mask came from; with the independent draw (any) the sources differ."""
+    import json
+    import numpy as np
+    import torch.nn.functional as F
+    from PIL import Image
+    from bgdefect import method as M
+    from core.data.pairing import nearest_normals
+    from core.runs import train
+    ov = {"method.train.steps_per_type": 1, "method.generate.num_inference_steps": 2, "method.generate.n_per_type": 4,
+          "method.generate.batch_size": 3, "method.generate.refine.enabled": "false"}
+    cfg = _cfg(bottle_world, **ov)
+    train(cfg, tmp_path / "run")
+    out = {}
+    for placement in ("nearest", "any"):
+        c = _cfg(bottle_world, **ov, **{"method.generate.placement": placement, "method.generate.placement_k": 1})
+        M.generate(c, tmp_path / "run", tmp_path / placement)
+        out[placement] = [json.loads(x) for x in (tmp_path / placement / "manifest.jsonl").read_text().splitlines()]
+    normals = M.training_normals(cfg, "bottle", "")
+    small = torch.stack([F.interpolate(M.load_normal(p, 64)[None], size=(32, 32), mode="area")[0] for p in normals])
+    by_type = M.training_anomalies(cfg, "bottle")
+    checked = 0
+    for r in out["nearest"]:
+        images, bank = M.load_pairs(by_type[r["anomaly_type"]], 64)
+        got = np.array(Image.open(tmp_path / "nearest" / r["mask"])) > 0
+        j = [i for i in range(bank.shape[0]) if (got == (bank[i, 0].numpy() > 0.5)).all()]
+        assert j, "the target mask is one of the type's training masks"
+        near = nearest_normals(images, bank, small, k=1)
+        assert r["source"] in {normals[int(near[i, 0])] for i in j}
+        checked += 1
+    assert checked == len(out["nearest"]) > 0
+    assert [r["source"] for r in out["any"]] != [r["source"] for r in out["nearest"]]
+    with pytest.raises(ValueError, match="placement=nearest .* Fix: method.generate.placement=any"):
+        M.generate(_cfg(bottle_world, **{"method.generate.placement": "nearest", "method.generate.masks": "dir"}),
+                   tmp_path / "run", tmp_path / "dir")
+
+
 def test_generate_errors_name_the_fix(bottle_world, tmp_path):
     from bgdefect import method as M
     from core.runs import train
