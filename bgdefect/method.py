@@ -281,6 +281,31 @@ def sample_eq9(comp: SDComponents, scheduler, c1: torch.Tensor, c2: torch.Tensor
     return (z, path) if return_path else z
 
 
+def algorithm_1(comp: SDComponents, scheduler, c1: torch.Tensor, c2: torch.Tensor, part_length: int,
+                z0: torch.Tensor, mask: torch.Tensor, noise: torch.Tensor, steps: int, eps_timestep: str = "previous",
+                fixed_point_iters: int = 0, c2_mode: str = "masked", recorder: DefectAttention | None = None,
+                record_window: tuple[float, float] = (0.0, 1.0)) -> torch.Tensor:
+    """One batch of Algorithm 1 in latent space: the masked inversion of the normal latents ``z0`` (Eq. 8), the start
+    z_T* = z~_T^m + m eps with ``noise`` as eps (Theorem 3.2) and Eq. 9 down to z_0*. ``mask``: (B, H, W) at image
+    resolution. Returns z_0* (decode it with ``comp.decode_latents``)."""
+    z_T = invert_masked(comp, scheduler, c2, part_length, z0, mask, steps, eps_timestep, fixed_point_iters)[-1]
+    m = latent_region(mask[:, None], z0.shape[-1]).to(z0.dtype)
+    return sample_eq9(comp, scheduler, c1, c2, part_length, start_latent(z_T, m, noise), mask, c2_mode, recorder,
+                      record_window)
+
+
+def draw_items(gens: Sequence[torch.Generator], n_normals: int, n_masks: int, near: torch.Tensor | None = None
+               ) -> tuple[list[int], list[int]]:
+    """Each item's normal image and training mask (indices), from the item's own stream: a normal, then a mask, drawn
+    independently (Algorithm 1; ``placement=any``); with ``near`` ((n_masks, k), :func:`core.data.pairing.nearest_normals`)
+    the normal is then redrawn among the mask's k nearest (``placement=nearest``)."""
+    src = [int(torch.randint(n_normals, (1,), generator=gen)) for gen in gens]
+    picks = [int(torch.randint(n_masks, (1,), generator=gen)) for gen in gens]
+    if near is not None:
+        src = [int(near[j, int(torch.randint(near.shape[1], (1,), generator=gen))]) for j, gen in zip(picks, gens)]
+    return src, picks
+
+
 def refine_layers(comp: SDComponents, resolutions) -> list[str]:
     """The cross-attention layers whose C_def maps Eq. 13 averages: those running at ``resolutions`` (sides)."""
     try:
@@ -418,14 +443,11 @@ def generate(cfg: DictConfig, checkpoint: Path | None, out_dir: Path) -> Path:
             todo = sum(1 for b in batches for i in b if not writer.is_done(ty, i))
             for b in tqdm(batches, desc=f"bgdefect generation ({product}/{ty}, {todo} images)"):
                 gens = [item_generator(int(cfg.seed), product, ty, i) for i in b]
-                src = [int(torch.randint(len(normals), (1,), generator=gen)) for gen in gens]
                 if mask_source == "train":
-                    picks = [int(torch.randint(bank.shape[0], (1,), generator=gen)) for gen in gens]
+                    src, picks = draw_items(gens, len(normals), bank.shape[0], near)
                     masks = bank[picks]
-                    if near is not None:   # the normal: one of the k most like the mask's own anomaly image
-                        src = [int(near[j, int(torch.randint(near.shape[1], (1,), generator=gen))])
-                               for j, gen in zip(picks, gens)]
                 else:
+                    src = [int(torch.randint(len(normals), (1,), generator=gen)) for gen in gens]
                     files = given[ty]
                     picked = [files[int(torch.randint(len(files), (1,), generator=gen))] for gen in gens]
                     masks = torch.stack([(F.interpolate(torch.from_numpy(read_mask([f]).astype("float32"))[None, None],
@@ -441,10 +463,8 @@ def generate(cfg: DictConfig, checkpoint: Path | None, out_dir: Path) -> Path:
                 recorder = DefectAttention(tokens, slice(0, len(b)), layers)
                 with torch.no_grad():
                     z0 = comp.encode_images(x).to(dev_dtype)
-                    z_T = invert_masked(comp, sched, c2, L, z0, mk, steps, eps_timestep, int(inv.fixed_point_iters))[-1]
-                    m = latent_region(mk[:, None], comp.latent_size).to(dev_dtype)
-                    z_star = start_latent(z_T, m, noise.to(shard.device, dev_dtype))
-                    z_out = sample_eq9(comp, sched, c1, c2, L, z_star, mk, c2_mode, recorder, window)
+                    z_out = algorithm_1(comp, sched, c1, c2, L, z0, mk, noise.to(shard.device, dev_dtype), steps,
+                                        eps_timestep, int(inv.fixed_point_iters), c2_mode, recorder, window)
                     images = comp.decode_latents(z_out).float()
                     refined = refined_masks(recorder, mk.float(), normalize, float(ref.threshold),
                                             bool(ref.get("within_target", True))) \
@@ -479,5 +499,6 @@ def load_normal(path: str, size: int) -> torch.Tensor:
     return PairedTransform(size=size).resize(to_tensor(read_image(path)), False).clamp(0, 1)
 
 
-__all__ = ["generate", "invert_masked", "latent_region", "load_pairs", "load_run", "masked_eps", "prompts",
-           "refined_masks", "sample_eq9", "step_batch", "train", "train_type", "training_anomalies"]
+__all__ = ["algorithm_1", "draw_items", "generate", "invert_masked", "latent_region", "load_pairs", "load_run",
+           "masked_eps", "prompts", "refined_masks", "sample_eq9", "step_batch", "train", "train_type",
+           "training_anomalies"]

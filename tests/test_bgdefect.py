@@ -578,3 +578,71 @@ def test_mvtec_loco_trains_and_generates_with_the_kinds_words_and_unioned_masks(
         want[4:20, 4:20] = True
         want[36:56, 36:56] = True
         assert (got == want).all()
+
+
+def _background_benchmark():
+    import importlib.util
+    from pathlib import Path
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "bgdefect_background.py"
+    spec = importlib.util.spec_from_file_location("bgdefect_background", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+@pytest.mark.parametrize("strength,calls", [(1.0, 10), (0.5, 5), (0.24, 2)])
+def test_background_benchmark_img2img_noises_to_the_strength_and_an_exact_eps_returns_z0(tiny, monkeypatch,
+                                                                                         strength, calls):
+    """The img2img reference of benchmarks/bgdefect_background.py: z0 forward-noised with eps to the level a fraction
+    s up the schedule, then deterministic DDIM; with a denoiser that predicts that eps exactly every step has the
+    same x0 = z0, so the result is z0 noised to the scheduler's final level (as every DDIM sample ends):
+    sqrt(abar_final) z0 + sqrt(1 - abar_final) eps; the number of denoiser calls is round(s * steps)."""
+    from core.diffusion import inference_scheduler
+    mod = _background_benchmark()
+    B, C, S = 2, 4, 6
+    z0, noise = torch.randn(B, C, S, S), torch.randn(B, C, S, S)
+    seen = []
+
+    def exact(comp, layers, ctx, L, mask):
+        def eps(z, t):
+            seen.append(int(t[0]))
+            return noise
+        return eps
+    monkeypatch.setattr(mod, "masked_eps", exact)
+    monkeypatch.setattr(mod, "cross_attention_layers", lambda unet: [])
+    sched = inference_scheduler(tiny.scheduler.config, "ddim", "leading")
+    sched.set_timesteps(10)
+    out = mod.img2img(tiny, sched, torch.zeros(1, 3, 8), 1, z0, torch.zeros(B, 8, 8), noise, strength)
+    assert len(seen) == calls and seen == [int(t) for t in sched.timesteps[10 - calls:]]
+    fin = torch.as_tensor(sched.final_alpha_cumprod, dtype=torch.float32)
+    assert 0.9 < float(fin) < 1
+    assert torch.allclose(out, fin.sqrt() * z0 + (1 - fin).sqrt() * noise, atol=1e-5)
+    # a denoiser off by a constant lands elsewhere (the test can fail)
+    monkeypatch.setattr(mod, "masked_eps", lambda *a: (lambda z, t: noise + 0.3))
+    assert not torch.allclose(mod.img2img(tiny, sched, torch.zeros(1, 3, 8), 1, z0, torch.zeros(B, 8, 8), noise,
+                                          strength), z0, atol=1e-2)
+
+
+def test_background_benchmark_errors_hand_worked():
+    """Pixel error outside / beyond one latent cell / inside the mask, latent error outside / inside, per item."""
+    mod = _background_benchmark()
+    S = 12                                      # a 3 x 3 latent of 4 px cells
+    x = torch.zeros(2, 3, S, S)
+    mask = torch.zeros(2, S, S)
+    mask[0, 0:4, 0:4] = 1                       # item 0: latent cell (0, 0)
+    mask[1, 8:12, 8:12] = 1                     # item 1: latent cell (2, 2)
+    out = x.clone()
+    out[0, :, 0:4, 0:4] = 0.4                   # inside: 0.4 * 255 = 102
+    out[0, :, :, 8:12] = 0.2                    # 51 on 48 of the 128 outside pixels, all of them beyond one cell
+    out[1, 0] = 0.3                             # one channel of three everywhere: 25.5
+    z0 = torch.ones(2, 1, 3, 3)
+    z = z0.clone()
+    z[0, 0, 0, 0] = 3.0                         # inside item 0's latent cell: |2| / |1|
+    z[1, 0, 0, 0] = 2.0                         # outside item 1's: 1 / sqrt(8)
+    e = mod.errors(x, out, mask, z0, z, cell=4)
+    assert e["pixel_in"].tolist() == pytest.approx([102.0, 25.5])
+    assert e["pixel_out"].tolist() == pytest.approx([51.0 * 48 / 128, 25.5])
+    # beyond one cell (4 px) of item 0's mask: all but rows 0-7 x columns 0-7, 80 px, 48 of them at 51
+    assert e["pixel_far"].tolist() == pytest.approx([51.0 * 48 / 80, 25.5])
+    assert e["latent_in"].tolist() == pytest.approx([2.0, 0.0])
+    assert e["latent_out"].tolist() == pytest.approx([0.0, 1 / 8 ** 0.5])
