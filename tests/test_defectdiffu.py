@@ -1,0 +1,275 @@
+"""DefectDiffu's architecture and equations on hand-worked tensors and a tiny DefectDiT (defectdiffu/model.py,
+core/models/dit.py)."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from core.models.dit import DiT, load_matching, timestep_embedding, unpatchify
+from defectdiffu.model import (DefectDiT, SpatialCrossAttention, attention_map, attention_ratio, average_masks,
+                               clip_ratio, defect_region_loss, defectdiffu_loss, double_free, drop_conditions,
+                               mask_grid, prompts, single_scale, unified_defect)
+
+TINY = dict(input_size=8, patch_size=2, in_channels=4, hidden_size=24, num_heads=3, learn_sigma=True)
+
+
+def _tiny(groups=(2, 3, 1), text_dim=10, seed=0) -> DefectDiT:
+    torch.manual_seed(seed)
+    m = DefectDiT(groups=groups, text_dim=text_dim, **TINY)
+    # adaLN-Zero starts every block as the identity; give the zero-initialised maps values so that they act
+    for p in m.parameters():
+        if p.requires_grad and not p.any():
+            p.data.normal_(0, 0.1)
+    return m.eval()
+
+
+# ------------------------------------------------------------------------------------------------ DiT
+def test_dit_starts_as_zero_and_its_names_are_the_original_checkpoints():
+    m = DiT(input_size=8, patch_size=2, in_channels=4, hidden_size=24, depth=2, num_heads=3, num_classes=5)
+    out = m(torch.randn(2, 4, 8, 8), torch.tensor([3, 900]), torch.tensor([1, 5]))
+    assert out.shape == (2, 8, 8, 8) and not out.any()          # adaLN-Zero and a zero output layer
+    names = set(m.state_dict())
+    for k in ("x_embedder.proj.weight", "t_embedder.mlp.0.weight", "y_embedder.embedding_table.weight", "pos_embed",
+              "blocks.1.attn.qkv.weight", "blocks.1.attn.proj.bias", "blocks.0.mlp.fc1.weight",
+              "blocks.0.adaLN_modulation.1.weight", "final_layer.linear.weight", "final_layer.adaLN_modulation.1.bias"):
+        assert k in names
+    assert m.y_embedder.embedding_table.weight.shape == (6, 24)  # 5 classes + the null class
+
+
+def test_timestep_embedding_and_pos_embed_hand_worked():
+    e = timestep_embedding(torch.tensor([0.0, 2.0]), 6, max_period=100.0)
+    f = torch.tensor([1.0, 100 ** (-1 / 3), 100 ** (-2 / 3)])
+    assert torch.allclose(e[1], torch.cat([torch.cos(2 * f), torch.sin(2 * f)]), atol=1e-6)
+    assert torch.equal(e[0], torch.tensor([1.0, 1, 1, 0, 0, 0]))
+    # DiT's 2-D sin-cos table: first half the column (w) coordinate, second half the row; token 1 = (row 0, col 1)
+    m = DiT(input_size=8, patch_size=2, hidden_size=8, depth=1, num_heads=2, num_classes=1)
+    pos = m.pos_embed[0]
+    om = torch.tensor([1.0, 0.01])
+    assert torch.allclose(pos[1], torch.cat([torch.sin(om), torch.cos(om), torch.zeros(2), torch.ones(2)]), atol=1e-6)
+    assert torch.allclose(pos[4], torch.cat([torch.zeros(2), torch.ones(2), torch.sin(om), torch.cos(om)]), atol=1e-6)
+
+
+def test_unpatchify_places_each_token_on_its_patch():
+    n, p, c = 2, 2, 3
+    x = torch.arange(n * 4 * p * p * c, dtype=torch.float32).reshape(n, 4, p * p * c)
+    img = unpatchify(x, p, c)
+    assert img.shape == (2, 3, 4, 4)
+    # token 1 is (row 0, col 1): pixels rows 0-1, cols 2-3; its vector is laid out (p, p, c)
+    assert img[1, 2, 1, 3] == x[1, 1].reshape(p, p, c)[1, 1, 2]
+    assert img[0, 0, 2, 0] == x[0, 2].reshape(p, p, c)[0, 0, 0]
+
+
+def test_dit_round_trips_through_save_and_load(tmp_path):
+    torch.manual_seed(1)
+    m = DiT(input_size=8, patch_size=2, hidden_size=24, depth=2, num_heads=3, num_classes=4)
+    for p in m.parameters():
+        p.data.normal_(0, 0.1)
+    m.save(tmp_path / "dit")
+    back = DiT.load(tmp_path / "dit")
+    x, t, y = torch.randn(3, 4, 8, 8), torch.tensor([1, 50, 999]), torch.tensor([0, 3, 4])
+    assert torch.equal(back(x, t, y), m(x, t, y))
+    from core.models.loading import ModelNotFoundError
+    with pytest.raises(ModelNotFoundError, match="model.dit_path"):
+        DiT.load(tmp_path / "none")
+
+
+def test_defectdiffu_starts_from_a_dit_where_names_and_shapes_match():
+    """Non-strict start (as the official code from ImageNet DiT): the shared blocks, embedders and output layer come
+    from the DiT; the text projection, cross-attention and mask head are new; a tensor of another shape is left."""
+    src = DiT(num_classes=7, depth=6, **TINY)
+    for p in src.parameters():
+        p.data.normal_(0, 0.1)
+    dst = DefectDiT(groups=(2, 3, 1), text_dim=10, **TINY)
+    loaded, left = load_matching(dst, src.state_dict())
+    assert torch.equal(dst.blocks[4].attn.qkv.weight, src.blocks[4].attn.qkv.weight)
+    assert "blocks.5.adaLN_modulation.1.weight" in loaded and "y_embedder.embedding_table.weight" not in loaded
+    assert all(k.startswith(("y_embedders", "cross_defect", "adapt_mask")) for k in left) and left
+    bad = dict(src.state_dict())
+    bad["final_layer.linear.weight"] = torch.zeros(3, 3)
+    loaded, left = load_matching(DefectDiT(groups=(2, 3, 1), text_dim=10, **TINY), bad)
+    assert "final_layer.linear.weight" in left
+
+
+# ---------------------------------------------------------------------------------------- Sec. 3.2 / 3.4
+def test_each_block_group_receives_exactly_its_own_prompt():
+    """Background blocks get t_emb + W y_p, defect blocks t_emb + W y_d (their adaLN and their cross-attention's
+    context), fusion blocks and the output layer t_emb + W y_f."""
+    m = _tiny()
+    B = 2
+    x, t = torch.randn(B, 4, 8, 8), torch.tensor([10, 700])
+    y = {k: torch.randn(B, 10) for k in ("background", "defect", "fusion")}
+    seen: dict[str, list] = {"blocks": [], "cross": [], "final": []}
+    hooks = [b.adaLN_modulation.register_forward_hook(lambda mod, inp, out: seen["blocks"].append(inp[0]))
+             for b in m.blocks]
+    hooks += [c.register_forward_hook(lambda mod, inp, out: seen["cross"].append(inp[1])) for c in m.cross_defect]
+    hooks.append(m.final_layer.adaLN_modulation.register_forward_hook(
+        lambda mod, inp, out: seen["final"].append(inp[0])))
+    with torch.no_grad():
+        m(x, t, y["background"], y["defect"], y["fusion"])
+        want = {k: m.t_embedder(t) + m.y_embedders(v) for k, v in y.items()}
+    for h in hooks:
+        h.remove()
+    groups = ["background"] * 2 + ["defect"] * 3 + ["fusion"]
+    assert len(seen["blocks"]) == 6
+    for got, g in zip(seen["blocks"], groups):
+        assert torch.allclose(got, want[g], atol=1e-6)
+        for other in set(want) - {g}:
+            assert not torch.allclose(got, want[other], atol=1e-3)
+    assert len(seen["cross"]) == 3 and all(torch.allclose(c, want["defect"], atol=1e-6) for c in seen["cross"])
+    assert torch.allclose(seen["final"][0], want["fusion"], atol=1e-6)
+
+
+def test_groups_act_on_the_output_only_through_their_prompt():
+    """Changing y_p changes the output; with no background blocks it changes nothing (the groups are separate)."""
+    x, t = torch.randn(2, 4, 8, 8), torch.tensor([10, 700])
+    yp, yd, yf = torch.randn(2, 10), torch.randn(2, 10), torch.randn(2, 10)
+    with torch.no_grad():
+        m = _tiny()
+        assert not torch.allclose(m(x, t, yp, yd, yf)[0], m(x, t, yp + 1, yd, yf)[0])
+        m0 = _tiny(groups=(0, 3, 2))
+        assert torch.equal(m0(x, t, yp, yd, yf)[0], m0(x, t, yp + 1, yd, yf)[0])
+
+
+def test_spatial_cross_attention_is_a_softmax_over_positions_per_head():
+    torch.manual_seed(0)
+    att = SpatialCrossAttention(12, 3)
+    x, ctx = torch.randn(2, 5, 12), torch.randn(2, 12)
+    out, maps = att(x, ctx)
+    assert maps.shape == (2, 3, 5) and out.shape == (2, 5, 12)
+    assert torch.allclose(maps.sum(-1), torch.ones(2, 3), atol=1e-6)        # each head a distribution over positions
+    # hand-worked for head 1 of image 1
+    q = att.to_q(att.norm(x)).reshape(2, 5, 3, 4)[1, :, 1]
+    k = att.to_k(ctx).reshape(2, 3, 4)[1, 1]
+    v = att.to_v(ctx).reshape(2, 3, 4)[1, 1]
+    a = (q @ k / 2).softmax(0)
+    assert torch.allclose(maps[1, 1], a, atol=1e-6)
+    assert torch.allclose(out[1, :, 4:8], a[:, None] * v[None], atol=1e-6)
+
+
+def test_mask_head_reads_the_defect_maps_stacked_on_channels_per_token():
+    m = _tiny()
+    got = {}
+    m.adapt_mask.register_forward_hook(lambda mod, inp, out: got.update(inp=inp[0], out=out))
+    with torch.no_grad():
+        eps, mask_f, maps = m(torch.randn(2, 4, 8, 8), torch.tensor([5, 5]), *torch.randn(3, 2, 10))
+    assert maps.shape == (2, 3, 3, 16) and mask_f.shape == (2, 4, 8, 8) and eps.shape == (2, 8, 8, 8)
+    assert got["inp"].shape == (2, 16, 9)
+    # token 7's channels are (block 0 heads 0-2, block 1 heads 0-2, block 2 heads 0-2) at position 7
+    assert torch.equal(got["inp"][1, 7], maps[1, :, :, 7].reshape(-1))
+
+
+# -------------------------------------------------------------------------------------------- Eq. 7-11
+def test_attention_ratio_and_clip_hand_worked():
+    maps = torch.zeros(2, 2, 1, 4)
+    maps[0, 0, 0] = torch.tensor([0.1, 0.2, 0.3, 0.4])
+    maps[0, 1, 0] = torch.tensor([0.3, 0.2, 0.1, 0.4])           # mean: 0.2, 0.2, 0.2, 0.4
+    maps[1, :, 0] = torch.tensor([0.7, 0.1, 0.1, 0.1])
+    a = attention_map(maps)
+    assert torch.allclose(a[0], torch.tensor([0.2, 0.2, 0.2, 0.4]))
+    mask = torch.tensor([[0, 0, 0, 1], [1, 0, 0, 0]], dtype=torch.float32)
+    r = attention_ratio(a, mask, alpha=0.0)
+    assert torch.allclose(r, torch.tensor([0.6 / 0.4, 0.3 / 0.7]))
+    r = attention_ratio(a, mask, alpha=0.1)
+    assert torch.allclose(r, torch.tensor([0.6 / 0.5, 0.3 / 0.8]))
+    assert clip_ratio(torch.tensor([0.5, 2.0, 3.7, 8.0, 11.0])).tolist() == pytest.approx([2, 2, 3.7, 8, 8])
+
+
+def test_defect_region_loss_and_the_objective_hand_worked():
+    eps = torch.zeros(2, 4, 2, 2)
+    pred = torch.ones(2, 4, 2, 2)
+    mask = torch.zeros(2, 1, 2, 2)
+    mask[0, 0, 0, 0] = 1                                        # a quarter of image 0's latent
+    ratio = torch.tensor([3.0, 5.0])
+    assert defect_region_loss(pred, eps, mask, ratio).tolist() == pytest.approx([3 * 0.25, 0.0])
+    maps = torch.full((2, 2, 1, 4), 0.25)
+    grid = torch.tensor([[1.0, 0, 0, 0], [1.0, 1, 1, 1]])
+    mf, mt = torch.zeros(2, 4, 2, 2), torch.full((2, 4, 2, 2), 2.0)
+    out = defectdiffu_loss(pred, eps, mask, maps, grid, mf, mt, lam=0.2, alpha=0.0)
+    # image 0: Rat = 0.75 / 0.25 = 3 -> R 3; image 1: Rat 0 -> R 2 (clipped), its mask is empty in the latent
+    assert out["ratio"].item() == pytest.approx(2.5)
+    assert out["mse"].item() == pytest.approx(1.0) and out["loss_m"].item() == pytest.approx(4.0)
+    assert out["loss_d"].item() == pytest.approx((3 * 0.25 + 0) / 2)
+    assert out["loss"].item() == pytest.approx(1.0 + 0.375 + 0.2 * 4.0)
+
+
+def test_ratio_gradient_flows_unless_detached():
+    pred = torch.ones(1, 4, 2, 2)
+    mask = torch.ones(1, 1, 2, 2)
+    grid = torch.tensor([[1.0, 0, 0, 0]])
+    for detach, flows in ((False, True), (True, False)):
+        maps = torch.tensor([0.2, 0.3, 0.2, 0.3]).reshape(1, 1, 1, 4).requires_grad_()   # Rat 4: inside the clip
+        p = pred.clone().requires_grad_()
+        out = defectdiffu_loss(p, torch.zeros_like(pred), mask, maps, grid, torch.zeros(1, 4, 2, 2),
+                               torch.zeros(1, 4, 2, 2), detach_ratio=detach)
+        out["loss"].backward()
+        assert (maps.grad is not None and maps.grad.abs().sum() > 0) == flows and p.grad.abs().sum() > 0
+
+
+def test_mask_grid_keeps_any_coverage():
+    m = torch.zeros(2, 1, 8, 8)
+    m[0, 0, 0, 0] = 1
+    m[1, 0, 4:8, 4:8] = 1
+    g = mask_grid(m, 4)
+    assert g.shape == (2, 1, 4, 4) and g[0].sum() == 1 and g[0, 0, 0, 0] == 1 and g[1].sum() == 4
+
+
+# ---------------------------------------------------------------------------------------------- Algorithm 1
+def test_algorithm_1_dropout_frequencies_over_many_draws():
+    g = torch.Generator().manual_seed(0)
+    n = 20000
+    d_norm, p_norm = drop_conditions(["good"] * n, ["bottle"] * n, 0.2, 0.3, g)
+    d_def, p_def = drop_conditions(["crack"] * n, ["bottle"] * n, 0.2, 0.3, g)
+    share = lambda xs, v: sum(x == v for x in xs) / n  # noqa: E731
+    assert share(d_norm, "good") == 1.0
+    assert share(p_norm, None) == pytest.approx(0.2, abs=0.012)
+    assert share(d_def, "good") == pytest.approx(0.3, abs=0.012)
+    assert share(p_def, None) == pytest.approx(1 - 0.8 ** 2, abs=0.012)     # lines 1 and 4: two chances
+    both = sum(d == "good" and p is None for d, p in zip(d_def, p_def)) / n
+    assert both == pytest.approx(0.3 * 0.36, abs=0.01)                       # independent draws
+    assert set(p for p in p_def if p is not None) == {"bottle"}
+
+
+def test_prompts_of_the_three_parts_and_the_null_product():
+    assert prompts("hole", "metal nut") == {"product": "a photo of metal nut", "defect": "a photo of hole",
+                                            "fusion": "a photo of hole metal nut"}
+    assert prompts("good", None) == {"product": "", "defect": "a photo of good", "fusion": "a photo of good"}
+    assert prompts("good", None, "industry")["product"] == "a photo of industry"
+
+
+# ------------------------------------------------------------------------------------------ Eq. 4 / Eq. 12
+def test_double_free_guidance_reductions_and_independent_scales():
+    torch.manual_seed(0)
+    g0, gp, d0 = torch.randn(3, 2, 4, 3, 5)
+    assert torch.equal(double_free(g0, gp, d0, 0.0, 0.0), g0)                         # both 0: unconditional branch
+    assert torch.allclose(double_free(g0, gp, d0, 4.0, 0.0), single_scale(gp, g0, 4.0))  # w_d 0: CFG on the product
+    assert torch.allclose(double_free(g0, gp, d0, 1.0, 1.0), gp + d0 - g0)           # the composed condition
+    # w_d moves only along the defect direction, w_p only along the product direction
+    assert torch.allclose(double_free(g0, gp, d0, 2.0, 3.0) - double_free(g0, gp, d0, 2.0, 1.0), 2 * (d0 - g0))
+    assert torch.allclose(double_free(g0, gp, d0, 5.0, 1.0) - double_free(g0, gp, d0, 2.0, 1.0), 3 * (gp - g0))
+    assert torch.allclose(single_scale(gp, g0, 1.0), gp)
+
+
+def test_masks_averaged_over_steps_then_isodata():
+    from core.diffusion import isodata_threshold
+    torch.manual_seed(0)
+    truth = torch.zeros(2, 1, 8, 6)
+    truth[0, :, 1:4, 1:5] = 1
+    truth[1, :, 5:8, 0:2] = 1
+    steps = [truth * 0.8 + 0.1 + 0.3 * torch.randn_like(truth) for _ in range(40)]
+    avg = average_masks(steps)
+    assert torch.allclose(avg, torch.stack(steps).mean(0))
+    binary = avg > isodata_threshold(avg)[:, None, None, None]
+    assert torch.equal(binary, truth > 0.5)
+    assert not torch.equal(steps[0] > isodata_threshold(steps[0])[:, None, None, None], truth > 0.5)  # one step: noisy
+    with pytest.raises(ValueError, match="no mask predictions"):
+        average_masks([])
+
+
+def test_unified_defect_names_and_their_errors():
+    table = {"metal_nut": {"color": "color", "flip": "flip"}, "screw": {"thread_side": "thread"}}
+    assert unified_defect(table, "screw", "thread_side") == "thread"
+    assert unified_defect(table, "pill", "good") == "good"
+    with pytest.raises(KeyError, match="product 'pill' is not in .* Fix: add it under method.names.pill"):
+        unified_defect(table, "pill", "crack")
+    with pytest.raises(KeyError, match="'scratch' of 'screw' .*has: thread_side"):
+        unified_defect(table, "screw", "scratch")
