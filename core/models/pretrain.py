@@ -230,49 +230,47 @@ def encode_pool(comp: SDComponents, pool: Pool, batch: int = 64) -> torch.Tensor
     return torch.cat([comp.encode_images(images[i:i + batch].to(comp.device)) for i in range(0, len(images), batch)])
 
 
-def train_denoiser(comp: SDComponents, pool: Pool, latents: torch.Tensor, cfg: dict, work_dir: Path,
-                   seed: int) -> dict:
-    """Stage 2: text encoder + U-Net with SD's noise-prediction loss; EMA weights end up in ``comp.unet``."""
-    unet, text = comp.unet.train(), comp.text_encoder.train()
-    engine = _engine(cfg, comp.device)
-    engine.prepare_unet(unet)
-    dev = comp.device
-    ema = {k: v.detach().clone() for k, v in unet.state_dict().items()}
-    params = [{"params": unet.parameters(), "lr": cfg["lr"]}, {"params": text.parameters(), "lr": cfg["text_lr"]}]
-    opt = torch.optim.AdamW(params, weight_decay=cfg.get("weight_decay", 0.01))
+def train_eps_model(model: torch.nn.Module, saved: dict[str, Any], param_groups: list[dict], predict, n_items: int,
+                    latents: torch.Tensor, scheduler, cfg: dict, work_dir: Path, seed: int, device: torch.device,
+                    ckpt_name: str, desc: str, prepare=None) -> dict:
+    """The noise-prediction loop every prior stage shares: per step a batch of ``cfg["batch"]`` latents drawn from
+    (seed, step), eps (+ offset noise), t, the loss ``MSE(predict(zt, t, idx, part, rng), eps)``; AdamW with warm-up
+    + cosine; an EMA of ``model``'s weights that replaces them at the end; resumable from ``work_dir/ckpt_name``
+    (``saved``: the modules checkpointed beside the EMA). ``predict`` gets the whole batch's indices, this process's
+    ``part`` of it and the step's numpy generator (for captions or label dropout drawn over the whole batch)."""
+    engine = _engine(cfg, device)
+    if prepare is not None:
+        prepare(engine)
+    ema = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    opt = torch.optim.AdamW(param_groups, weight_decay=cfg.get("weight_decay", 0.01))
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(cfg["warmup"], cfg["steps"]))
-    ckpt, start = work_dir / "denoiser_state.pt", 0
+    ckpt, start = work_dir / ckpt_name, 0
     if ckpt.is_file():
-        start = engine.load(ckpt, {"unet": unet, "text": text, "ema": ema}, {"opt": opt, "sched": sched},
-                            "the U-Net stage")[0]
-    T = comp.scheduler.config.num_train_timesteps
+        start = engine.load(ckpt, {**saved, "ema": ema}, {"opt": opt, "sched": sched}, desc)[0]
+    T = scheduler.config.num_train_timesteps
     batch, t0, losses = int(cfg["batch"]), time.perf_counter(), []
-    mine = engine.mine(batch, "images (unet.batch)")
-    bar = tqdm(range(start, cfg["steps"]), desc="U-Net + text", initial=start, total=cfg["steps"],
-               disable=not engine.is_main)
+    mine = engine.mine(batch, "images (batch)")
+    bar = tqdm(range(start, cfg["steps"]), desc=desc, initial=start, total=cfg["steps"], disable=not engine.is_main)
     for step in bar:
         # the whole batch from (seed, step), then this process's items of it
         g = torch.Generator().manual_seed(seed * 1_000_033 + step)
         rng = np.random.default_rng([seed, step])
-        idx = torch.randint(len(latents), (batch,), generator=g)
-        captions = ["" if rng.random() < cfg["caption_dropout"] else caption(pool.products[i], pool.defects[i], rng)
-                    for i in idx.tolist()]
-        z0 = latents[idx.to(latents.device)].to(dev)
+        idx = torch.randint(n_items, (batch,), generator=g)
+        z0 = latents[idx.to(latents.device)].to(device)
         eps = torch.randn(z0.shape, generator=g)   # all randomness from the CPU generator, on any device
         if cfg.get("offset_noise"):  # a constant per image and channel: the noise can hide the image's mean colour
             eps = eps + float(cfg["offset_noise"]) * torch.randn(*z0.shape[:2], 1, 1, generator=g)
-        eps = eps.to(dev)
-        t = torch.randint(T, (batch,), generator=g).to(dev)
+        eps = eps.to(device)
+        t = torch.randint(T, (batch,), generator=g).to(device)
         part = slice(mine.start, mine.stop)
-        zt = comp.scheduler.add_noise(z0[part], eps[part], t[part])
+        zt = scheduler.add_noise(z0[part], eps[part], t[part])
         with engine.autocast():
-            ctx = comp.encode_prompt(captions[part])
-            loss = F.mse_loss(unet(zt, t[part], ctx).sample.float(), eps[part])
+            loss = F.mse_loss(predict(zt, t[part], idx, part, rng).float(), eps[part])
         engine.backward(loss, engine.world)   # the mean over this process's items; the processes' sum / world
         engine.step(opt, sched)
         decay = min(cfg["ema"], (1 + step) / (10 + step))
         with torch.no_grad():
-            cur = unet.state_dict()
+            cur = model.state_dict()
             floats = [k for k, v in cur.items() if v.dtype.is_floating_point]
             torch._foreach_lerp_([ema[k] for k in floats], [cur[k].detach() for k in floats], 1 - decay)
             for k, v in cur.items():
@@ -281,13 +279,30 @@ def train_denoiser(comp: SDComponents, pool: Pool, latents: torch.Tensor, cfg: d
         losses.append(engine.reduce_mean(loss.item()))
         bar.set_postfix(loss=f"{np.mean(losses[-100:]):.4f}")
         if (step + 1) % cfg["checkpoint_every"] == 0 or step + 1 == cfg["steps"]:
-            engine.save(ckpt, step + 1, {"unet": unet, "text": text, "ema": ema}, {"opt": opt, "sched": sched})
+            engine.save(ckpt, step + 1, {**saved, "ema": ema}, {"opt": opt, "sched": sched})
         if cfg.get("stop_after") and step + 1 >= cfg["stop_after"]:
             break
-    unet.load_state_dict(ema)
-    unet.eval(), text.eval()
+    model.load_state_dict(ema)
     return {"seconds": time.perf_counter() - t0, "steps_run": cfg["steps"] - start,
             "final_loss": float(np.mean(losses[-100:])) if losses else None}
+
+
+def train_denoiser(comp: SDComponents, pool: Pool, latents: torch.Tensor, cfg: dict, work_dir: Path,
+                   seed: int) -> dict:
+    """Stage 2: text encoder + U-Net with SD's noise-prediction loss; EMA weights end up in ``comp.unet``."""
+    unet, text = comp.unet.train(), comp.text_encoder.train()
+    params = [{"params": unet.parameters(), "lr": cfg["lr"]}, {"params": text.parameters(), "lr": cfg["text_lr"]}]
+
+    def predict(zt, t, idx, part, rng):
+        captions = ["" if rng.random() < cfg["caption_dropout"] else caption(pool.products[i], pool.defects[i], rng)
+                    for i in idx.tolist()]
+        return unet(zt, t, comp.encode_prompt(captions[part])).sample
+
+    report = train_eps_model(unet, {"unet": unet, "text": text}, params, predict, len(latents), latents,
+                             comp.scheduler, cfg, work_dir, seed, comp.device, "denoiser_state.pt", "U-Net + text",
+                             prepare=lambda engine: engine.prepare_unet(unet))
+    unet.eval(), text.eval()
+    return report
 
 
 @torch.no_grad()
