@@ -273,3 +273,148 @@ def test_unified_defect_names_and_their_errors():
         unified_defect(table, "pill", "crack")
     with pytest.raises(KeyError, match="'scratch' of 'screw' .*has: thread_side"):
         unified_defect(table, "screw", "scratch")
+
+
+# ------------------------------------------------------------------------------------- train / generate
+@pytest.fixture(scope="module")
+def two_world(tmp_path_factory):
+    """A tiny synthetic world of two products (64 px, 3 train normals, 2 anomalies per type)."""
+    import core.data.synthetic as S
+    root = tmp_path_factory.mktemp("world") / "synthetic" / "seed0_res64"
+    S.build_world(root, S.WorldConfig(resolution=64, n_train_good=3, n_test_good=1, n_per_type=2,
+                                      products=("bottle", "pill")), workers=1, progress=False)
+    return root
+
+
+def _cfg(world, **extra):
+    from hydra import compose, initialize_config_dir
+    from pathlib import Path
+    ov = ["method=defectdiffu", "model=tiny", f"dataset.root={world}", "dataset.resolution=64", "product=bottle",
+          "method.products=[bottle,pill]", "method.backbone.init=random", "method.groups=[1,2,1]",
+          "method.backbone.architecture.hidden_size=24", "method.backbone.architecture.num_heads=2",
+          "method.train.steps=4", "method.train.batch=2", "method.train.checkpoint_every=2",
+          "method.generate.num_inference_steps=3", "method.generate.mask_last_steps=2", "method.generate.n_per_type=2",
+          "method.generate.batch_size=2", *[f"{k}={v}" for k, v in extra.items()]]
+    with initialize_config_dir(config_dir=str(Path(__file__).resolve().parents[1] / "configs"), version_base="1.3"):
+        return compose("train", ov)
+
+
+def test_training_items_take_the_half_split_normals_without_masks_and_the_name_table(two_world):
+    from defectdiffu import method as M
+    cfg = _cfg(two_world)
+    items = M.training_items(cfg, ["bottle", "pill"])
+    for p in ("bottle", "pill"):
+        anomalies = [s for s, d, q in items if q == p and d != "good"]
+        normals = [s for s, d, q in items if q == p and d == "good"]
+        assert len(anomalies) == 4 and len(normals) == 3                 # match: as many as anomalies, of 3
+        assert all(s.split == "test" for s in anomalies)                 # half of the test anomalies train
+        assert all(not s.mask_paths for s in normals)                     # good images need no mask
+    _, masks = M.load_items(items, 64)
+    goods = torch.tensor([d == "good" for _, d, _ in items])
+    assert not masks[goods].any() and all(m.any() for m in masks[~goods])
+    named = M.training_items(_cfg(two_world, **{"+method.names.bottle.crack": "fissure",
+                                                 "+method.names.bottle.contamination": "liquid",
+                                                 "+method.names.bottle.missing": "missing",
+                                                 "+method.names.bottle.stain": "color",
+                                                 "+method.names.pill.crack": "fissure"}), ["bottle"])
+    assert {d for _, d, _ in named} == {"fissure", "liquid", "missing", "color", "good"}
+    with pytest.raises(KeyError, match="'contamination' of 'pill' .*has: crack"):
+        M.training_items(_cfg(two_world, **{"+method.names.bottle.crack": "x", "+method.names.pill.crack": "x"}),
+                         ["pill"])
+    with pytest.raises(KeyError, match="product 'pill' is not in"):
+        M.training_items(_cfg(two_world, **{"+method.names.bottle.crack": "x"}), ["pill"])
+    assert len([1 for _, d, q in M.training_items(_cfg(two_world, **{"method.train.normals_per_product": 1}),
+                                                  ["bottle"]) if d == "good"]) == 1
+    excl = M.training_items(_cfg(two_world, **{"method.train.exclude_defects_of": "[pill]"}), ["bottle", "pill"])
+    assert {d for _, d, q in excl if q == "pill"} == {"good"}
+
+
+def test_killed_training_resumes_to_the_uninterrupted_model(two_world, tmp_path):
+    from defectdiffu import method as M
+    from core.models.dit import DiT
+    cfg = _cfg(two_world)
+    M.train(cfg, tmp_path / "a")
+    stop = _cfg(two_world, **{"+method.train.stop_after": 2})
+    M.train(stop, tmp_path / "b")
+    assert (tmp_path / "b" / "train_state.pt").is_file() and not (tmp_path / "b" / "model").exists()
+    M.train(cfg, tmp_path / "b")
+    a, b = DefectDiT.load(tmp_path / "a" / "model"), DefectDiT.load(tmp_path / "b" / "model")
+    for (k, va), vb in zip(a.state_dict().items(), b.state_dict().values()):
+        assert torch.equal(va, vb), k
+    assert a.groups == (1, 2, 1)
+    with pytest.raises(ValueError, match="holds a DefectDiT"):
+        DiT.load(tmp_path / "a" / "model")
+    torch.manual_seed(int(cfg.seed))                   # the run's initialisation, untrained
+    init = DefectDiT(groups=(1, 2, 1), text_dim=a.text_dim, **{k: a.config[k] for k in (
+        "input_size", "patch_size", "in_channels", "hidden_size", "num_heads", "mlp_ratio", "learn_sigma")})
+    assert not torch.equal(a.blocks[0].attn.qkv.weight, init.blocks[0].attn.qkv.weight)        # it trained
+    with pytest.raises(ValueError, match="other images"):
+        M.train(_cfg(two_world, **{"method.products": "[bottle]"}), tmp_path / "a")
+
+
+def test_guided_eps_runs_the_three_branches_in_order_and_takes_the_defect_branchs_mask():
+    from defectdiffu import method as M
+    model = _tiny()
+    B = 2
+    seen = {}
+
+    def fake(z, t, y_p, y_d, y_f):
+        seen.update(z=z, y_d=y_d)
+        k = z.shape[0] // B
+        out = torch.cat([torch.full((B, 8, 8, 8), float(i)) for i in range(k)])
+        mask = torch.cat([torch.full((B, 4, 8, 8), 10.0 + i) for i in range(k)])
+        return out, mask, None
+    model.forward = fake
+    z = torch.randn(B, 4, 8, 8)
+    y = {k: torch.randn(3 * B, 10) for k in ("product", "defect", "fusion")}
+    eps, mask = M.guided_eps(model, z, torch.tensor([5, 5]), y, "double_free", 2.0, 3.0, 9.0)
+    # branches 0, 1, 2 = (c_g, 0), (c_g, c_p), (c_d, 0): 0 + 2 (1 - 0) + 3 (2 - 0)
+    assert torch.allclose(eps, torch.full_like(eps, 8.0)) and torch.equal(mask, torch.full_like(mask, 12.0))
+    assert torch.equal(seen["z"], z.repeat(3, 1, 1, 1))
+    eps, mask = M.guided_eps(model, z, torch.tensor([5, 5]), {k: v[:2 * B] for k, v in y.items()}, "single_scale",
+                             2.0, 3.0, 4.0)
+    assert torch.allclose(eps, torch.full_like(eps, 1.0 + 4.0 * (0 - 1))) and torch.equal(mask, torch.full_like(mask, 10.0))
+    texts = M.branch_texts("double_free", "crack", "metal_nut", "")
+    assert [t["defect"] for t in texts] == ["a photo of good", "a photo of good", "a photo of crack"]
+    assert [t["product"] for t in texts] == ["", "a photo of metal nut", ""]
+
+
+def test_generate_writes_each_type_with_binary_masks_zero_shot_and_normals(two_world, tmp_path):
+    import json
+    import numpy as np
+    from PIL import Image
+    from omegaconf import open_dict
+    from defectdiffu import method as M
+    cfg = _cfg(two_world, **{"method.train.exclude_defects_of": "[pill]", "method.generate.n_normals": 1})
+    M.train(cfg, tmp_path / "run")
+    with open_dict(cfg):
+        cfg.checkpoint = str(tmp_path / "run")
+    M.generate(cfg, tmp_path / "run", tmp_path / "gen")
+    recs = [json.loads(x) for x in (tmp_path / "gen" / "manifest.jsonl").read_text().splitlines()]
+    meta = json.loads((tmp_path / "run" / "defectdiffu.json").read_text())
+    types = meta["types"]["bottle"]
+    anomalies = [r for r in recs if r["kind"] == "anomaly"]
+    assert sorted({r["anomaly_type"] for r in anomalies}) == types and len(anomalies) == 2 * len(types)
+    assert sum(r["kind"] == "normal" for r in recs) == 1
+    for r in anomalies:
+        m = np.array(Image.open(tmp_path / "gen" / r["mask"]))
+        assert set(np.unique(m)) <= {0, 255} and r["zero_shot"] is False
+    # zero-shot: pill trained on normals only gets bottle's crack (Eq. 12)
+    assert meta["types"]["pill"] == []
+    with open_dict(cfg):
+        cfg.product = "pill"
+        cfg.method.generate.defects = ["crack"]
+        cfg.method.generate.n_normals = 0
+    M.generate(cfg, tmp_path / "run", tmp_path / "zs")
+    zs = [json.loads(x) for x in (tmp_path / "zs" / "manifest.jsonl").read_text().splitlines()]
+    assert {(r["product"], r["anomaly_type"], r["zero_shot"]) for r in zs} == {("pill", "crack", True)}
+    with open_dict(cfg):
+        cfg.method.generate.defects = ["teleport"]
+    with pytest.raises(ValueError, match="never learned"):
+        M.generate(cfg, tmp_path / "run", tmp_path / "zs2")
+    with open_dict(cfg):
+        cfg.method.generate.defects = []
+    with pytest.raises(ValueError, match="zero-shot"):
+        M.generate(cfg, tmp_path / "run", tmp_path / "zs3")
+    with pytest.raises(FileNotFoundError, match="no finished DefectDiffu run"):
+        M.generate(cfg, tmp_path / "nothing", tmp_path / "zs4")

@@ -191,7 +191,7 @@ class DiT(nn.Module):
         tmp = d / (WEIGHTS_FILE + ".tmp")
         save_file({k: v.contiguous() for k, v in self.state_dict().items()}, str(tmp))
         tmp.replace(d / WEIGHTS_FILE)
-        write_json(d / CONFIG_FILE, {"class": "DiT", **self.config})
+        write_json(d / CONFIG_FILE, {"class": type(self).__name__, **self.config})
         return d
 
     @classmethod
@@ -204,7 +204,9 @@ class DiT(nn.Module):
             raise ModelNotFoundError(f"No DiT at '{d}' (expected {CONFIG_FILE} and {WEIGHTS_FILE}, as DiT.save "
                                      f"writes them). Set {key} to such a directory.")
         cfg = json.loads((d / CONFIG_FILE).read_text())
-        cfg.pop("class", None)
+        saved = cfg.pop("class", "DiT")
+        if saved != cls.__name__:
+            raise ValueError(f"{d} holds a {saved}, not a {cls.__name__}: load it with {saved}.load.")
         model = cls(**cfg)
         model.load_state_dict(load_file(str(d / WEIGHTS_FILE)))
         return model
