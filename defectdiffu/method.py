@@ -349,7 +349,11 @@ def generate(cfg: DictConfig, checkpoint: Path | None, out_dir: Path) -> Path:
                         writer.write_anomaly(folder, i, arr[k], masks[k], defect=defect, guidance=r,
                                              w_p=w_p, w_d=w_d, zero_shot=bool(wanted) and folder not in own,
                                              mask_fraction=round(float(masks[k].mean()), 5))
-        writer.finalize()
+        grid = Path(out_dir) / f"{product}_grid.png"
+        if writer.finalize() or not grid.is_file():
+            from core.data import load_folder
+            from core.data.visualize import contact_sheet
+            contact_sheet(load_folder(out_dir, [product]), grid)
     finally:
         writer.close()
     return Path(out_dir)
