@@ -418,3 +418,32 @@ def test_generate_writes_each_type_with_binary_masks_zero_shot_and_normals(two_w
         M.generate(cfg, tmp_path / "run", tmp_path / "zs3")
     with pytest.raises(FileNotFoundError, match="no finished DefectDiffu run"):
         M.generate(cfg, tmp_path / "nothing", tmp_path / "zs4")
+
+
+def test_strength_benchmark_summary_hand_worked(tmp_path):
+    """benchmarks/defectdiffu_strength.py: per type and w_d, the mean mask area and the mean pixel change against the
+    lowest w_d's image of the same item, on two folders written by GeneratedWriter with known contents."""
+    import importlib.util
+    import numpy as np
+    from pathlib import Path
+    from core.export import GeneratedWriter
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "defectdiffu_strength.py"
+    spec = importlib.util.spec_from_file_location("defectdiffu_strength", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    folders = {}
+    for w, (area, level) in {0.0: (4, 10), 2.0: (16, 40)}.items():
+        folders[w] = tmp_path / f"w{w:g}"
+        with GeneratedWriter(folders[w], "pill", "defectdiffu", {"w_d": w}) as wr:
+            for ty, extra in (("crack", 0), ("stain", 8)):
+                for i in range(2):
+                    img = np.full((8, 8, 3), level + extra + i, np.uint8)
+                    m = np.zeros((8, 8), bool)
+                    m.flat[:area + i] = True
+                    wr.write_anomaly(ty, i, img, m)
+            wr.finalize()
+    table, rows = mod.summarise(folders, "pill")
+    assert table["crack"][0.0] == pytest.approx((4.5 / 64, 0.0))
+    assert table["crack"][2.0] == pytest.approx((16.5 / 64, 30.0))
+    assert table["stain"][2.0] == pytest.approx((16.5 / 64, 30.0))
+    assert [r[0][0] for r in rows] == ["pill/crack", "pill/stain"] and all(len(r[1]) == 2 for r in rows)
