@@ -447,3 +447,19 @@ def test_strength_benchmark_summary_hand_worked(tmp_path):
     assert table["crack"][2.0] == pytest.approx((16.5 / 64, 30.0))
     assert table["stain"][2.0] == pytest.approx((16.5 / 64, 30.0))
     assert [r[0][0] for r in rows] == ["pill/crack", "pill/stain"] and all(len(r[1]) == 2 for r in rows)
+
+
+def test_the_mvtec_name_table_covers_every_mvtec_ad_type_and_merges_the_papers_pairs():
+    """supp. Tab. 2 as data (configs/experiment/defectdiffu_mvtec_ad.yaml): 15 products, MVTec AD's 73 defect types,
+    and the merges the paper names (poke -> hole, glue -> liquid, thread_side -> thread, ...)."""
+    from hydra import compose, initialize_config_dir
+    from pathlib import Path
+    with initialize_config_dir(config_dir=str(Path(__file__).resolve().parents[1] / "configs"), version_base="1.3"):
+        cfg = compose("train", ["experiment=defectdiffu_mvtec_ad"])
+    table = cfg.method.names
+    assert len(table) == 15 and sum(len(v) for v in table.values()) == 73
+    for product, defect, name in (("capsule", "poke", "hole"), ("leather", "glue", "liquid"), ("tile", "oil", "liquid"),
+                                  ("screw", "thread_side", "thread"), ("cable", "missing_wire", "missing"),
+                                  ("zipper", "fabric_border", "cut"), ("bottle", "broken_small", "broken")):
+        assert unified_defect(table, product, defect) == name
+    assert cfg.method.schedule == "dit_linear" and list(cfg.method.groups) == [10, 10, 8]
