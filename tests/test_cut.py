@@ -69,7 +69,7 @@ def test_eq_5_step_size_and_the_early_stop_window():
     a[1] = torch.arange(16.0).reshape(4, 4)                      # 8 above the mean 7.5
     n = activated_pixels(a)
     assert n.tolist() == [4, 8]
-    assert activated_pixels(torch.full((1, 4, 4), 0.3)).tolist() == [0]    # strictly above: a flat map has none
+    assert activated_pixels(torch.full((1, 4, 4), 0.5)).tolist() == [0]    # strictly above: a flat map has none
     alpha = step_size(500, n, torch.tensor([8, 8]), lam=10.0, delta=1 / 1000)
     assert alpha.tolist() == pytest.approx([10 * 1.5 * 0.5, 10 * 1.5 * 1.0])
     assert step_size(0, n, torch.tensor([8, 8]))[1] < alpha[1]   # smaller as t falls
