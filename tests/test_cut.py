@@ -118,3 +118,82 @@ def test_adapted_dice_loss_hand_worked():
     assert l[1].item() == pytest.approx(1 - 1 / 1.5)             # both empty: Dice 1
     # a smaller beta lowers the loss of an imprecise overlap (the paper's point)
     assert adapted_dice_loss(y, p, beta=0.1)[0] < adapted_dice_loss(y, p, beta=1.0)[0]
+
+
+# ------------------------------------------------------------------------------------------ the generation loop
+def _cfg(world, **extra):
+    from hydra import compose, initialize_config_dir
+    from pathlib import Path
+    ov = ["method=cut", "model=tiny", f"dataset.root={world}", "dataset.resolution=64", "product=bottle",
+          "split.k=2", "method.generate.num_inference_steps=6", "method.generate.n_images=2",
+          "method.generate.batch_size=2", "method.generate.attention.resolution=8",
+          "method.generate.anomaly_word=photo", *[f"{k}={v}" for k, v in extra.items()]]
+    with initialize_config_dir(config_dir=str(Path(__file__).resolve().parents[1] / "configs"), version_base="1.3"):
+        return compose("train", ov)
+
+
+def test_optimisation_lowers_l_att_and_moves_the_latent_only_inside_the_foreground(tiny):
+    """One optimise_step on the tiny U-Net: L_att falls, the latent outside the foreground is unchanged."""
+    from omegaconf import OmegaConf
+    from core.diffusion import layers_at
+    from cut import method as M
+    g = OmegaConf.create({"attention": {"scale": 100.0, "kernel": "attend_and_excite", "kernel_size": 3, "sigma": 0.5},
+                         "optimise": {"thresholds": {0: 0.05}, "refinement": "attend_and_excite",
+                                      "max_refinement_iters": 1, "early_stop_after": 10, "early_stop": [10, 50],
+                                      "lam": 50.0}})
+    layers = layers_at(tiny.unet, tiny.latent_size, [8])
+    torch.manual_seed(0)
+    z = torch.randn(2, 4, tiny.latent_size, tiny.latent_size)
+    cond = tiny.encode_prompt(["a photo of a bottle", "a photo of a bottle"]).detach()
+    fg = torch.zeros(2, 64, 64)
+    fg[0, 8:40, 16:56] = 1
+    fg[1, 24:64, 0:32] = 1
+    fg_map = (torch.nn.functional.interpolate(fg[:, None], size=(8, 8), mode="area")[:, 0] > 0.5).float()
+    fg_lat = (torch.nn.functional.interpolate(fg[:, None], size=(16, 16), mode="area") > 0.5).float()
+    t = torch.tensor([600, 600])
+    token = 2
+    with torch.no_grad():
+        before = attention_loss(M.anomaly_map(tiny, layers, z, t, cond, token, g, grad=False), fg_map)
+    z2, n_t, n_start, stopped, iters = M.optimise_step(tiny, layers, z, t, cond, token, g, fg_map, fg_lat, 0, None,
+                                                       torch.zeros(2, dtype=torch.bool), 1000)
+    with torch.no_grad():
+        after = attention_loss(M.anomaly_map(tiny, layers, z2, t, cond, token, g, grad=False), fg_map)
+    assert iters == 1 and torch.equal(n_start, n_t)
+    assert (after < before).all(), (before, after)
+    assert torch.equal(z2 * (1 - fg_lat), z * (1 - fg_lat)) and not torch.equal(z2, z)
+    # a stopped image does not move
+    z3, *_ = M.optimise_step(tiny, layers, z, t, cond, token, g, fg_map, fg_lat, 0, None,
+                             torch.tensor([True, False]), 1000)
+    assert torch.equal(z3[0], z[0]) and not torch.equal(z3[1], z[1])
+
+
+def test_generate_writes_annotated_images_and_resumes(bottle_world, tmp_path):
+    import json
+    import numpy as np
+    from PIL import Image
+    from cut import method as M
+    cfg = _cfg(bottle_world)
+    M.generate(cfg, None, tmp_path / "gen")
+    recs = [json.loads(x) for x in (tmp_path / "gen" / "manifest.jsonl").read_text().splitlines()]
+    normals = M.training_normals(cfg, "bottle", "")
+    assert len(normals) == 2                                     # k = 2 shots
+    assert len(recs) == 2 and {r["anomaly_type"] for r in recs} == {"photo"}
+    for r in recs:
+        m = np.array(Image.open(tmp_path / "gen" / r["mask"])) > 0
+        assert r["source"] in normals and m.any() and r["prompt"] == "a photo of a bottle that is damaged"
+    first = {r["image"]: (tmp_path / "gen" / r["image"]).read_bytes() for r in recs}
+    (tmp_path / "gen" / recs[1]["image"]).unlink()               # a lost file is made again, the same
+    lines = (tmp_path / "gen" / "manifest.jsonl").read_text().splitlines()
+    (tmp_path / "gen" / "manifest.jsonl").write_text(lines[0] + "\n")
+    M.generate(cfg, None, tmp_path / "gen")
+    again = [json.loads(x) for x in (tmp_path / "gen" / "manifest.jsonl").read_text().splitlines()]
+    assert {r["image"]: (tmp_path / "gen" / r["image"]).read_bytes() for r in again} == first
+
+
+def test_clear_errors_for_an_unknown_product_word_and_a_missing_anomaly_word(bottle_world, tmp_path):
+    from cut import method as M
+    with pytest.raises(ValueError, match=r"cannot say \['zqxv'\].*method.class_words.bottle"):
+        M.generate(_cfg(bottle_world, **{"+method.class_words.bottle": "zqxv"}), None, tmp_path / "g1")
+    with pytest.raises(ValueError, match="'scratched' occurs 0 times"):
+        M.generate(_cfg(bottle_world, **{"method.generate.anomaly_word": "scratched"}), None, tmp_path / "g2")
+    assert not (tmp_path / "g1").exists() and not (tmp_path / "g2").exists()
