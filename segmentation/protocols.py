@@ -249,6 +249,8 @@ def run_unit(cfg: DictConfig, arm: str, fold: int, products: Sequence[str], spli
     tag = f"{arm}_fold{fold}_{unit}"
     if task == "memory_bank":
         return run_patchcore(cfg, arm, fold, products[0], split, generated, size, run_dir, device, tag)
+    if task == "vlad":
+        return run_vlad(cfg, arm, fold, products, split, generated, size, run_dir, device, tag)
     if task == "synthesis" and arm == "baseline":
         anomalies = []  # plain DRAEM: simulated anomalies only
     else:
@@ -368,6 +370,55 @@ def run_patchcore(cfg, arm, fold, product, split, generated, size, run_dir, devi
     metrics = _score_unit(cfg, run_dir, arm, tag, product, product, pool, torch.cat(maps), torch.cat(scores))
     return [_record(cfg, arm, fold, product, product, 0, train_s, time.perf_counter() - t1, {}, 0,
                     len(normals) + len(extra), metrics)]
+
+
+def run_vlad(cfg, arm, fold, products, split, generated, size, run_dir, device, tag) -> list[dict]:
+    """VLAD (CUT, Sec. 4.2): its adapters trained on the arm's anomalies (CUT's samples for ``generated``) and the
+    normal shots, then per product the shots' memory bank and the summed vision-language + vision-vision maps and
+    scores. With no anomaly to train on (the k-shot baseline) the adapters keep their start, CLIP's own projection:
+    zero-shot vision-language plus the shots' vision-vision branch."""
+    from core.models.world_clip import load_clip
+    from .vlad import VLAD, vlad_loss
+
+    d = cfg.downstream
+    clip = load_clip(d.get("clip_path"), key="downstream.clip_path")
+    layers = clip.model.config.vision_config.num_hidden_layers
+    stages = list(d.stages) if d.get("stages") else [max(1, round(layers * q / 4)) for q in (1, 2, 3, 4)]
+    torch.manual_seed(int(cfg.seed))
+    model = VLAD(clip, stages, float(d.temperature)).to(device)
+    anomalies = checked_anomalies(cfg, arm, products, split.train, fold, generated)
+    normals = [s for s in split.train if s.label == 0 and s.product in products]
+    spec = train_spec(cfg, len(anomalies) + len(normals))
+    history: dict = {}
+    t0 = time.perf_counter()
+    if anomalies:
+        pools = {1: anomalies, 0: normals}
+
+        def step(m, batch, spec_):
+            names = [pools[int(src)][int(i)].product for src, i in zip(batch["source"], batch["index"])]
+            return vlad_loss(m(batch["image"], names), batch["label"], batch["mask"], float(d.omega),
+                             float(d.beta), float(spec_.focal_gamma))
+        history = train(model, ImagePool(anomalies, size), ImagePool(normals, size), spec,
+                        run_dir / "checkpoints" / f"{tag}.pt", device, tag, loss_fn=step)
+    train_s = time.perf_counter() - t0
+    records, bs = [], int(cfg.eval_batch_size)
+    for p in products:
+        shots = [s for s in normals if s.product == p]
+        if shots:
+            model.remember(p, ImagePool(shots, size).batch(range(len(shots)))["image"].to(device))
+        pool = ImagePool([s for s in split.test if s.product == p], size)
+        t1 = time.perf_counter()
+        maps, scores = [], []
+        for i in range(0, len(pool), bs):
+            m, sc = model.predict(pool.batch(range(i, min(i + bs, len(pool))))["image"].to(device), p)
+            maps.append(m.cpu())
+            scores.append(sc.cpu())
+        unit = "all" if len(products) > 1 else p
+        metrics = _score_unit(cfg, run_dir, arm, tag, unit, p, pool, torch.cat(maps), torch.cat(scores))
+        records.append(_record(cfg, arm, fold, p, unit, spec.steps if anomalies else 0, train_s,
+                               time.perf_counter() - t1, history, len([s for s in anomalies if s.product == p]),
+                               len(shots), metrics))
+    return records
 
 
 # ----------------------------------------------------------------------------- classifiers

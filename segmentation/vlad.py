@@ -4,7 +4,8 @@ A.2; never released; it extends AnomalyGPT, arXiv:2308.15366).
 A frozen CLIP (a local transformers ``CLIPModel``: ViT-L/14 for real data, the world CLIP on the synthetic world)
 gives patch tokens from several stages of its vision tower and the image embedding; text embeddings of a normal and
 an anomalous state per product come from its text tower (prompt ensembles). Trainable: one linear adapter per stage
-(patch width -> the joint embedding).
+(patch width -> the joint embedding), started from CLIP's own visual projection (a choice; the paper does not say), so
+that untrained it gives CLIP's zero-shot maps.
 
 - vision-language (Eq. 8): S_VL = softmax(F_image F_text^T)[anomalous]; M_VL = Upsample(sum over stages of
   softmax(F_hat_patch F_text^T)[anomalous]);
@@ -42,6 +43,10 @@ class VLAD(nn.Module):
                              f"tower's layers)")
         dim = clip.model.config.projection_dim
         self.adapters = nn.ModuleList([nn.Linear(vision.hidden_size, dim) for _ in self.stages])
+        with torch.no_grad():   # a choice: each adapter starts as CLIP's own visual projection (zero-shot maps)
+            for a in self.adapters:
+                a.weight.copy_(clip.model.visual_projection.weight)
+                a.bias.zero_()
         self.text: dict[str, torch.Tensor] = {}
         self.bank: dict[str, list[torch.Tensor]] = {}
 

@@ -516,3 +516,17 @@ def test_clip_score_is_100_times_the_clipped_cosine():
 
     # cosines 0.6, -1 (clipped to 0), 1.0 -> mean 100 * 1.6 / 3
     assert clip_score(Fixed(), torch.zeros(3, 3, 8, 8), ["a", "b", "c"]) == pytest.approx(100 * 1.6 / 3)
+
+
+def test_cut_protocol_trains_one_vlad_on_generated_anomalies_with_k_normal_shots(world, tmp_path):
+    """protocol=cut downstream=vlad: k = 2 normal shots per product; the baseline arm trains nothing (CLIP's zero-shot
+    maps + the shots' memory bank), the generated arm trains one VLAD for both products (the unit "all")."""
+    cfg = _cfg(world, "cut", "vlad", ["arms=[baseline,generated]", "protocol.split.k=2", "downstream.stages=[2,4]"])
+    protocols.eval_downstream(cfg, tmp_path)
+    recs = [r for f in (tmp_path / "results").glob("*.json") for r in json.loads(f.read_text())]
+    by = {(r["arm"], r["product"]): r for r in recs}
+    assert set(by) == {(a, p) for a in ("baseline", "generated") for p in PRODUCTS}
+    assert all(r["n_train_normals"] == 2 and r["unit"] == "all" for r in recs)
+    assert all(by[("baseline", p)]["n_train_anomalies"] == 0 and by[("baseline", p)]["steps"] == 0 for p in PRODUCTS)
+    assert all(by[("generated", p)]["n_train_anomalies"] > 0 and by[("generated", p)]["steps"] == 2 for p in PRODUCTS)
+    assert all(0 <= r["pixel_auroc"] <= 1 and 0 <= r["image_auroc"] <= 1 for r in recs)
