@@ -6,6 +6,8 @@
 # folds averaged). The oracle arm gets as many real defects per type as the generator made (50). Every step resumes.
 #
 #   bash benchmarks/bgdefect_synthetic_all.sh [run root, default runs/bg_v2] [extra overrides for train.py...]
+#   GEN_OVERRIDES="method.generate.x=y ..." adds overrides to every generate.py call (generation otherwise takes the
+#   method settings each run recorded when it was trained)
 set -euo pipefail
 ROOT=${1:-runs/bg_v2}
 shift || true
@@ -19,7 +21,8 @@ for f in 0 1; do
       "$PY" scripts/train.py experiment=bgdefect_synthetic product="$p" split.fold="$f" hydra.run.dir="$run" "$@"
       touch "$run/done"
     fi
-    "$PY" scripts/generate.py checkpoint="$run" out_dir="$ROOT/generated_fold$f"
+    # shellcheck disable=SC2086
+    "$PY" scripts/generate.py checkpoint="$run" out_dir="$ROOT/generated_fold$f" ${GEN_OVERRIDES:-}
   done
   "$PY" scripts/eval_generation.py generated="$ROOT/generated_fold$f" hydra.run.dir="$ROOT/eval_generation_fold$f"
 done
