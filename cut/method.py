@@ -133,6 +133,42 @@ def optimise_step(comp, layers, z, t, cond, token, g, fg_map, fg_latent, s: int,
     return z, n_t, n_start, stopped, iters
 
 
+def cut_batch(comp: SDComponents, timesteps, layers: Sequence[str], cond: torch.Tensor, uncond: torch.Tensor,
+              token: int, g: DictConfig, x: torch.Tensor, noise: torch.Tensor, T: int):
+    """One batch of CUT from normal images ``x`` (B, 3, S, S) in [0, 1] and per-item ``noise``: encode, noise to the
+    first of ``timesteps``, then per step the optimisation (while an image's has not stopped) and one guided DDIM step.
+    Returns (images (B, 3, S, S), the final smoothed anomaly map (B, h, w), stopped (B,), optimisation passes)."""
+    B, dev = x.shape[0], x.device
+    sched = inference_scheduler(comp.scheduler.config, "ddim", str(g.timestep_spacing))
+    sched.set_timesteps(int(g.num_inference_steps))
+    fg = foreground_mask(x) if str(g.foreground) == "threshold" else torch.ones(B, *x.shape[-2:], device=dev)
+    side = int(g.attention.resolution)
+    fg_map = (F.interpolate(fg[:, None], size=(side, side), mode="area")[:, 0] > 0.5).float()
+    fg_latent = (F.interpolate(fg[:, None], size=(comp.latent_size,) * 2, mode="area") > 0.5).float()
+    with torch.no_grad():
+        z = comp.scheduler.add_noise(comp.encode_images(x), noise, torch.tensor([int(timesteps[0])]))
+    c_b, u_b = cond.expand(B, -1, -1), uncond.expand(B, -1, -1)
+    stopped = torch.zeros(B, dtype=torch.bool, device=dev)
+    n_start, iters, last_map = None, 0, None
+    for s, t in enumerate(timesteps):
+        tt = torch.full((B,), int(t), device=dev)
+        if bool(g.optimise.enabled) and not stopped.all():
+            z, _, n_start, stopped, k = optimise_step(comp, layers, z, tt, c_b, token, g, fg_map, fg_latent, s,
+                                                      n_start, stopped, T)
+            iters += k
+        with torch.no_grad():
+            store = AttentionStore(cond_half=True)
+            with attention_control(comp.unet, layers, store=store):
+                e = comp.unet(torch.cat([z, z]), torch.cat([tt, tt]), encoder_hidden_states=torch.cat([u_b, c_b])).sample
+            eu, ec = e.chunk(2)
+            a = token_maps(store.mean_map(layers), float(g.attention.scale))[..., token - 1]
+            last_map = smooth(a, int(g.attention.kernel_size), float(g.attention.sigma), str(g.attention.kernel))
+            z = sched.step(eu + float(g.guidance_scale) * (ec - eu), t, z).prev_sample
+    with torch.no_grad():
+        images = comp.decode_latents(z).float().clamp(0, 1)
+    return images, last_map, stopped, iters
+
+
 def generate(cfg: DictConfig, checkpoint: Path | None, out_dir: Path) -> Path:
     g = cfg.method.generate
     dev = resolve_device(str(cfg.device))
@@ -171,33 +207,7 @@ def generate(cfg: DictConfig, checkpoint: Path | None, out_dir: Path) -> Path:
             noise = torch.stack([torch.randn(comp.unet.config.in_channels, comp.latent_size, comp.latent_size,
                                              generator=q) for q in gens]).to(dev)
             x = torch.stack([tf.resize(to_tensor(read_image(normals[j])), False).clamp(0, 1) for j in src]).to(dev)
-            fg = foreground_mask(x) if str(g.foreground) == "threshold" else torch.ones(B, *x.shape[-2:], device=dev)
-            side = int(g.attention.resolution)
-            fg_map = (F.interpolate(fg[:, None], size=(side, side), mode="area")[:, 0] > 0.5).float()
-            fg_latent = (F.interpolate(fg[:, None], size=(comp.latent_size,) * 2, mode="area") > 0.5).float()
-            with torch.no_grad():
-                z = comp.scheduler.add_noise(comp.encode_images(x), noise, torch.tensor([int(timesteps[0])]))
-            c_b, u_b = cond.expand(B, -1, -1), uncond.expand(B, -1, -1)
-            stopped = torch.zeros(B, dtype=torch.bool, device=dev)
-            n_start, iters, last_map = None, 0, None
-            for s, t in enumerate(timesteps):
-                tt = torch.full((B,), int(t), device=dev)
-                if bool(g.optimise.enabled) and not stopped.all():
-                    z, _, n_start, stopped, k = optimise_step(comp, layers, z, tt, c_b, token, g, fg_map, fg_latent,
-                                                              s, n_start, stopped, T)
-                    iters += k
-                with torch.no_grad():
-                    store = AttentionStore(cond_half=True)
-                    with attention_control(comp.unet, layers, store=store):
-                        e = comp.unet(torch.cat([z, z]), torch.cat([tt, tt]),
-                                      encoder_hidden_states=torch.cat([u_b, c_b])).sample
-                    eu, ec = e.chunk(2)
-                    a = token_maps(store.mean_map(layers), float(g.attention.scale))[..., token - 1]
-                    last_map = smooth(a, int(g.attention.kernel_size), float(g.attention.sigma),
-                                      str(g.attention.kernel))
-                    z = sched.step(eu + float(g.guidance_scale) * (ec - eu), t, z).prev_sample
-            with torch.no_grad():
-                images = comp.decode_latents(z).float().clamp(0, 1)
+            images, last_map, stopped, iters = cut_batch(comp, timesteps, layers, cond, uncond, token, g, x, noise, T)
             soft = annotation(last_map, comp.resolution)
             masks = (soft >= float(g.annotation_threshold)).cpu().numpy()
             arr = (images.permute(0, 2, 3, 1).cpu().numpy() * 255).round().astype("uint8")
@@ -215,5 +225,5 @@ def generate(cfg: DictConfig, checkpoint: Path | None, out_dir: Path) -> Path:
     return Path(out_dir)
 
 
-__all__ = ["anomaly_map", "anomaly_token", "build_prompt", "class_words", "generate", "optimise_step", "train",
+__all__ = ["anomaly_map", "anomaly_token", "build_prompt", "class_words", "cut_batch", "generate", "optimise_step", "train",
            "unknown_words"]
