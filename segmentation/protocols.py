@@ -247,8 +247,9 @@ def run_unit(cfg: DictConfig, arm: str, fold: int, products: Sequence[str], spli
     task = cfg.downstream.get("task", "segmentation")
     unit = "all" if len(products) > 1 else products[0]
     tag = f"{arm}_fold{fold}_{unit}"
-    if task == "memory_bank":
-        return run_patchcore(cfg, arm, fold, products[0], split, generated, size, run_dir, device, tag)
+    if task == "memory_bank":   # a memory bank per product, also under a unified protocol (each product's own)
+        return [r for p in products for r in run_patchcore(cfg, arm, fold, p, split, generated, size, run_dir, device,
+                                                            tag if len(products) == 1 else f"{tag}_{p}")]
     if task == "vlad":
         return run_vlad(cfg, arm, fold, products, split, generated, size, run_dir, device, tag)
     if task == "synthesis" and arm == "baseline":

@@ -392,11 +392,14 @@ def test_interrupted_training_resumes_to_the_uninterrupted_weights(tmp_path):
 
 def test_patchcore_and_draem_protocols_run_end_to_end(world, tmp_path):
     pc = _cfg(world, "seas", "patchcore", ["downstream.backbone=resnet18", "downstream.preprocess_dim=32",
-                                          "downstream.target_dim=32", "limits.max_products=1"])
+                                          "downstream.target_dim=32"])
     protocols.eval_downstream(pc, tmp_path / "pc")
     recs = [r for f in (tmp_path / "pc" / "results").glob("*.json") for r in json.loads(f.read_text())]
-    n = {r["arm"]: r["n_train_normals"] for r in recs}
-    assert n["baseline"] == 4 and n["generated"] == n["oracle"] == 4 + 2  # the bank grows by the extra normals
+    assert sorted((r["arm"], r["product"]) for r in recs) == sorted(
+        (a, p) for a in ("baseline", "generated", "oracle") for p in PRODUCTS)   # every product of the unified unit
+    n = {(r["arm"], r["product"]): r["n_train_normals"] for r in recs}
+    assert all(n[("baseline", p)] == 4 and n[("generated", p)] == n[("oracle", p)] == 4 + 2 for p in PRODUCTS)
+    assert len(list((tmp_path / "pc" / "grids").glob("baseline_fold0_all_*.png"))) == 2   # one grid per product
     assert all("pixel_iou" not in r and 0 <= r["pixel_auroc"] <= 1 for r in recs)
     dr = _cfg(world, "anomalydiffusion", "draem", ["downstream.recon_base=4", "downstream.seg_base=4",
                                                    "limits.max_products=1"])
