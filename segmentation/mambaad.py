@@ -300,6 +300,9 @@ class MambaAD(nn.Module):
         super().__init__()
         if image_size % 32:
             raise ValueError(f"MambaAD needs an image side divisible by 32, got {image_size}")
+        if tuple(dims[1:][::-1]) != tuple(channels):
+            raise ValueError(f"MambaAD's decoder levels 3, 2, 1 ({list(dims[1:][::-1])} channels) must match the "
+                             f"teacher's stages 1, 2, 3 ({list(channels)})")
         self.teacher = teacher.eval().requires_grad_(False)
         self.mff_oce = MFFOCE(int(channels[0]), int(dims[0]))
         self.decoder = MambaUPNet(dims, depths, image_size // 32, **ss2d)

@@ -252,6 +252,8 @@ def run_unit(cfg: DictConfig, arm: str, fold: int, products: Sequence[str], spli
                                                             tag if len(products) == 1 else f"{tag}_{p}")]
     if task == "vlad":
         return run_vlad(cfg, arm, fold, products, split, generated, size, run_dir, device, tag)
+    if task == "reconstruction":
+        return run_reconstruction(cfg, arm, fold, products, split, generated, size, run_dir, device, tag)
     if task == "synthesis" and arm == "baseline":
         anomalies = []  # plain DRAEM: simulated anomalies only
     else:
@@ -331,16 +333,14 @@ def anomaly_source(cfg: DictConfig, size: int) -> list[torch.Tensor] | None:
     return [pool[i]["image"] for i in range(len(pool))]
 
 
-def run_patchcore(cfg, arm, fold, product, split, generated, size, run_dir, device, tag) -> list[dict]:
-    """PatchCore's memory bank from the real normal training images, plus generated (or oracle) normals."""
-    from .patchcore import PatchCore
-
-    normals = [s for s in split.train if s.label == 0 and s.product == product]
+def extra_normals(cfg: DictConfig, arm: str, product: str, generated, model: str) -> list[Sample]:
+    """The normal images an unsupervised detector's arm adds to the real ones: the generated folder's normals
+    (``generated``), extra real normals of the synthetic world (``oracle``), none (``baseline``)."""
     extra: list[Sample] = []
     if arm == "generated":
         extra = [s for s in generated if s.label == 0 and s.product == product]
         if not extra:
-            raise DatasetError(f"generated={cfg.generated}/{product}/train/good holds no normal images: PatchCore's "
+            raise DatasetError(f"generated={cfg.generated}/{product}/train/good holds no normal images: {model}'s "
                                f"generated arm adds generated normals. Fix: generate normal images too.")
     elif arm == "oracle":
         from core.data import load_folder
@@ -350,6 +350,64 @@ def run_patchcore(cfg, arm, fold, product, split, generated, size, run_dir, devi
         extra = take_per_type([s for s in load_folder(root, [product]) if s.label == 0], n)
     if cfg.limits.get("n_per_type"):
         extra = extra[: int(cfg.limits.n_per_type)]
+    return extra
+
+
+def run_reconstruction(cfg, arm, fold, products, split, generated, size, run_dir, device, tag) -> list[dict]:
+    """A multi-class reconstruction detector (MambaAD) trained on the unit's normal images only: the real ones plus
+    the arm's extra normals (generated / oracle); per product its maps and max image scores."""
+    from .mambaad import MambaAD, anomaly_map, distillation_loss
+
+    d = cfg.downstream
+    normals = [s for s in split.train if s.label == 0 and s.product in products]
+    extra = [s for p in products for s in extra_normals(cfg, arm, p, generated, "MambaAD")]
+    if size % 32:
+        raise ValueError(f"MambaAD needs an image side divisible by 32 (image_size={size}). Fix: image_size=128 or "
+                         f"256.")
+    import timm
+    teacher = timm.create_model(str(d.backbone), pretrained=False, features_only=True, out_indices=(1, 2, 3))
+    if d.get("weights"):
+        from .upernet import load_backbone_weights
+        load_backbone_weights(teacher, d.weights, str(d.backbone), "downstream.weights")
+    torch.manual_seed(int(cfg.seed))
+    c = tuple(teacher.feature_info.channels())
+    model = MambaAD(teacher, size, c, (2 * c[2], c[2], c[1], c[0]), tuple(d.depths),
+                    d_state=int(d.d_state), scan_type=str(d.scan_type), num_direction=int(d.num_direction))
+    spec = train_spec(cfg, len(normals) + len(extra))
+    spec.anomaly_fraction = None
+    norm = normalizer(d)
+
+    def step(m, batch, spec_):
+        return distillation_loss(*m(batch["image"]), float(d.loss_weight), str(d.loss))
+    t0 = time.perf_counter()
+    history = train(model, ImagePool([], size), ImagePool(normals + extra, size), spec,
+                    run_dir / "checkpoints" / f"{tag}.pt", device, tag, loss_fn=step, normalize=norm)
+    train_s = time.perf_counter() - t0
+    model.eval()
+    records, bs = [], int(cfg.eval_batch_size)
+    for p in products:
+        pool = ImagePool([s for s in split.test if s.product == p], size)
+        t1 = time.perf_counter()
+        maps = []
+        with torch.no_grad():
+            for i in range(0, len(pool), bs):
+                x = pool.batch(range(i, min(i + bs, len(pool))))["image"]
+                x = norm(x) if norm is not None else x
+                maps.append(anomaly_map(*model(x.to(device)), size, float(d.sigma)).cpu())
+        maps = torch.cat(maps)
+        unit = "all" if len(products) > 1 else p
+        metrics = _score_unit(cfg, run_dir, arm, tag, unit, p, pool, maps, maps.flatten(1).amax(1))
+        records.append(_record(cfg, arm, fold, p, unit, spec.steps, train_s, time.perf_counter() - t1, history, 0,
+                               len([s for s in normals + extra if s.product == p]), metrics))
+    return records
+
+
+def run_patchcore(cfg, arm, fold, product, split, generated, size, run_dir, device, tag) -> list[dict]:
+    """PatchCore's memory bank from the real normal training images, plus generated (or oracle) normals."""
+    from .patchcore import PatchCore
+
+    normals = [s for s in split.train if s.label == 0 and s.product == product]
+    extra = extra_normals(cfg, arm, product, generated, "PatchCore")
     d = cfg.downstream
     model = PatchCore(d.backbone, d.get("weights"), tuple(d.layers), int(d.preprocess_dim), int(d.target_dim),
                       float(d.coreset_ratio), int(d.projection_dim), float(d.blur_sigma), int(cfg.seed)).to(device)

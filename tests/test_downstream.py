@@ -533,3 +533,15 @@ def test_cut_protocol_trains_one_vlad_on_generated_anomalies_with_k_normal_shots
     assert all(by[("baseline", p)]["n_train_anomalies"] == 0 and by[("baseline", p)]["steps"] == 0 for p in PRODUCTS)
     assert all(by[("generated", p)]["n_train_anomalies"] > 0 and by[("generated", p)]["steps"] == 2 for p in PRODUCTS)
     assert all(0 <= r["pixel_auroc"] <= 1 and 0 <= r["image_auroc"] <= 1 for r in recs)
+
+
+def test_mambaad_trains_on_normals_once_for_all_products_and_adds_the_generated_normals(world, tmp_path):
+    cfg = _cfg(world, "seas", "mambaad", ["image_size=64", "downstream.backbone=resnet18",
+                                         "downstream.depths=[2,2,2,2]", "downstream.d_state=4",
+                                         "downstream.num_direction=2", "downstream.scan_type=scan"])
+    protocols.eval_downstream(cfg, tmp_path)
+    recs = [r for f in (tmp_path / "results").glob("*.json") for r in json.loads(f.read_text())]
+    n = {(r["arm"], r["product"]): r["n_train_normals"] for r in recs}
+    assert set(n) == {(a, p) for a in ("baseline", "generated", "oracle") for p in PRODUCTS}
+    assert all(n[("baseline", p)] == 4 and n[("generated", p)] == n[("oracle", p)] == 6 for p in PRODUCTS)
+    assert all(r["unit"] == "all" and r["steps"] == 2 and 0 <= r["pixel_auroc"] <= 1 for r in recs)

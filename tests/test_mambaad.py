@@ -108,6 +108,8 @@ def test_mambaad_matches_the_teachers_scales_and_overfits_one_batch():
     assert all(not p.requires_grad for p in model.teacher.parameters())
     with pytest.raises(ValueError, match="divisible by 32"):
         MambaAD(model.teacher, 48)
+    with pytest.raises(ValueError, match="must match the teacher"):
+        MambaAD(model.teacher, 64, channels=(8, 16, 32), dims=(64, 32, 16, 4))
     opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=3e-3)
     losses = []
     for _ in range(15):
