@@ -52,6 +52,22 @@ def greedy_coreset(features: torch.Tensor, n: int, projection_dim: int = 128, se
     return torch.tensor(chosen)
 
 
+@torch.no_grad()
+def patch_embedding(backbone: nn.Module, x: torch.Tensor, preprocess_dim: int, target_dim: int
+                    ) -> tuple[torch.Tensor, tuple[int, int]]:
+    """PatchCore's locally aware patch features (GLASS uses them too): each stage averaged over its 3x3
+    neighbourhood, the later stages upsampled to the first one's grid, each reduced to ``preprocess_dim`` channels and
+    then jointly to ``target_dim`` by adaptive average pooling over channels. (B * h * w, target_dim) and (h, w)."""
+    feats = backbone(x)
+    feats = [F.avg_pool2d(f, 3, stride=1, padding=1, count_include_pad=False) for f in feats]
+    h, w = feats[0].shape[-2:]
+    feats = [feats[0]] + [F.interpolate(f, size=(h, w), mode="bilinear", align_corners=False) for f in feats[1:]]
+    per_layer = [F.adaptive_avg_pool1d(f.permute(0, 2, 3, 1).reshape(-1, 1, f.shape[1]), preprocess_dim)
+                 for f in feats]  # each (N, 1, preprocess_dim)
+    stacked = torch.cat(per_layer, 1).reshape(per_layer[0].shape[0], 1, -1)
+    return F.adaptive_avg_pool1d(stacked, target_dim)[:, 0], (h, w)
+
+
 class PatchCore(nn.Module):
     def __init__(self, backbone: str = "wide_resnet50_2", weights: str | None = None, layers=(2, 3),
                  preprocess_dim: int = 1024, target_dim: int = 1024, coreset_ratio: float = 0.1,
@@ -71,14 +87,7 @@ class PatchCore(nn.Module):
     @torch.no_grad()
     def patch_features(self, x: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int]]:
         """(B, 3, H, W) normalised images -> (B * h * w, target_dim) features and the grid (h, w)."""
-        feats = self.backbone(x)
-        feats = [F.avg_pool2d(f, 3, stride=1, padding=1, count_include_pad=False) for f in feats]
-        h, w = feats[0].shape[-2:]
-        feats = [feats[0]] + [F.interpolate(f, size=(h, w), mode="bilinear", align_corners=False) for f in feats[1:]]
-        per_layer = [F.adaptive_avg_pool1d(f.permute(0, 2, 3, 1).reshape(-1, 1, f.shape[1]), self.preprocess_dim)
-                     for f in feats]  # each (N, 1, preprocess_dim)
-        stacked = torch.cat(per_layer, 1).reshape(per_layer[0].shape[0], 1, -1)
-        return F.adaptive_avg_pool1d(stacked, self.target_dim)[:, 0], (h, w)
+        return patch_embedding(self.backbone, x, self.preprocess_dim, self.target_dim)
 
     @torch.no_grad()
     def fit(self, batches, progress: bool = True) -> int:

@@ -254,6 +254,8 @@ def run_unit(cfg: DictConfig, arm: str, fold: int, products: Sequence[str], spli
         return run_vlad(cfg, arm, fold, products, split, generated, size, run_dir, device, tag)
     if task == "reconstruction":
         return run_reconstruction(cfg, arm, fold, products, split, generated, size, run_dir, device, tag)
+    if task == "glass":
+        return run_glass(cfg, arm, fold, products, split, generated, size, run_dir, device, tag)
     if task == "synthesis" and arm == "baseline":
         anomalies = []  # plain DRAEM: simulated anomalies only
     else:
@@ -399,6 +401,76 @@ def run_reconstruction(cfg, arm, fold, products, split, generated, size, run_dir
         metrics = _score_unit(cfg, run_dir, arm, tag, unit, p, pool, maps, maps.flatten(1).amax(1))
         records.append(_record(cfg, arm, fold, p, unit, spec.steps, train_s, time.perf_counter() - t1, history, 0,
                                len([s for s in normals + extra if s.product == p]), metrics))
+    return records
+
+
+def run_glass(cfg, arm, fold, products, split, generated, size, run_dir, device, tag) -> list[dict]:
+    """GLASS (SeaS Tab. 2): the discriminator trained on the unit's normal images with global (feature-space)
+    synthesis and local anomalies: DRAEM-style simulated ones in the baseline arm, the arm's anomaly images (generated
+    pairs, or the oracle's real ones) in the others, as SeaS replaces GLASS's local synthesis."""
+    from .draem import procedural_texture, simulate
+    from .glass import GLASS, glass_step
+
+    d = cfg.downstream
+    normals = [s for s in split.train if s.label == 0 and s.product in products]
+    anomalies = [] if arm == "baseline" else checked_anomalies(cfg, arm, products, split.train, fold, generated)
+    torch.manual_seed(int(cfg.seed))
+    model = GLASS(str(d.backbone), d.get("weights"), tuple(d.layers), int(d.preprocess_dim), int(d.target_dim),
+                  int(d.proj_layers), int(d.dsc_layers), int(d.dsc_hidden)).to(device)
+    spec = train_spec(cfg, len(normals))
+    spec.anomaly_fraction = 0.5 if anomalies else None
+    norm = normalizer(d)
+    source = anomaly_source(cfg, size)
+    centre_pool = ImagePool(normals[: int(d.centre_images)], size)
+    state = {"centre": None, "at": -1}
+
+    def centre(m) -> torch.Tensor:
+        """Each patch position's mean projected normal feature, recomputed every ``centre_every`` steps (the
+        official code: every epoch)."""
+        with torch.no_grad():
+            x = centre_pool.batch(range(len(centre_pool)))["image"]
+            f, (h, w) = m.features((norm(x) if norm else x).to(device))
+            return f.view(len(centre_pool), h * w, -1).mean(0)
+
+    calls = {"n": 0}
+
+    def step(m, batch, spec_):
+        k = calls["n"]
+        calls["n"] += 1
+        if state["centre"] is None or k - state["at"] >= int(d.centre_every):
+            state["centre"], state["at"] = centre(m), k
+        x, mk, src = batch["image"], batch["mask"], batch["source"]
+        nx = x[src == 0]
+        if bool((src == 1).any()):
+            ax, am = x[src == 1], mk[src == 1]
+        else:   # local anomaly synthesis on the normal images
+            pairs = [simulate(img, source[int(torch.randint(len(source), (1,)))] if source
+                              else procedural_texture(img.shape[-1])) for img in nx.cpu()]
+            ax = torch.stack([a for a, _ in pairs]).to(nx)
+            am = torch.stack([b for _, b in pairs]).to(nx)
+        n = min(len(nx), len(ax))
+        nx, ax, am = (norm(nx[:n]) if norm else nx[:n]), (norm(ax[:n]) if norm else ax[:n]), am[:n]
+        return glass_step(m, nx, ax, am, state["centre"], d)
+    t0 = time.perf_counter()
+    history = train(model, ImagePool(anomalies, size), ImagePool(normals, size), spec,
+                    run_dir / "checkpoints" / f"{tag}.pt", device, tag, loss_fn=step)
+    train_s = time.perf_counter() - t0
+    model.eval()
+    records, bs = [], int(cfg.eval_batch_size)
+    for p in products:
+        pool = ImagePool([s for s in split.test if s.product == p], size)
+        t1 = time.perf_counter()
+        maps, scores = [], []
+        for i in range(0, len(pool), bs):
+            x = pool.batch(range(i, min(i + bs, len(pool))))["image"]
+            m, sc = model((norm(x) if norm else x).to(device), float(d.sigma))
+            maps.append(m.cpu())
+            scores.append(sc.cpu())
+        unit = "all" if len(products) > 1 else p
+        metrics = _score_unit(cfg, run_dir, arm, tag, unit, p, pool, torch.cat(maps), torch.cat(scores))
+        records.append(_record(cfg, arm, fold, p, unit, spec.steps, train_s, time.perf_counter() - t1, history,
+                               len([s for s in anomalies if s.product == p]),
+                               len([s for s in normals if s.product == p]), metrics))
     return records
 
 

@@ -545,3 +545,16 @@ def test_mambaad_trains_on_normals_once_for_all_products_and_adds_the_generated_
     assert set(n) == {(a, p) for a in ("baseline", "generated", "oracle") for p in PRODUCTS}
     assert all(n[("baseline", p)] == 4 and n[("generated", p)] == n[("oracle", p)] == 6 for p in PRODUCTS)
     assert all(r["unit"] == "all" and r["steps"] == 2 and 0 <= r["pixel_auroc"] <= 1 for r in recs)
+
+
+def test_glass_protocol_simulates_in_the_baseline_and_takes_the_arms_anomalies_otherwise(world, tmp_path):
+    cfg = _cfg(world, "seas", "glass", ["downstream.backbone=resnet18", "downstream.preprocess_dim=32",
+                                       "downstream.target_dim=32", "downstream.dsc_hidden=32", "downstream.gas_steps=2",
+                                       "downstream.centre_images=4"])
+    protocols.eval_downstream(cfg, tmp_path)
+    recs = [r for f in (tmp_path / "results").glob("*.json") for r in json.loads(f.read_text())]
+    by = {(r["arm"], r["product"]): r for r in recs}
+    assert set(by) == {(a, p) for a in ("baseline", "generated", "oracle") for p in PRODUCTS}
+    assert all(by[("baseline", p)]["n_train_anomalies"] == 0 for p in PRODUCTS)          # LAS simulates them
+    assert all(by[(a, p)]["n_train_anomalies"] > 0 for a in ("generated", "oracle") for p in PRODUCTS)
+    assert all(r["steps"] == 2 and 0 <= r["pixel_auroc"] <= 1 and r["unit"] == "all" for r in recs)
