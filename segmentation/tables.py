@@ -52,20 +52,27 @@ def fold_average(records: Iterable[dict], metrics: Sequence[str]) -> dict[str, d
     return out
 
 
-def load_paper(name: str | None, dataset: str, downstream: str | None = None,
-               percent: bool = True) -> dict[str, dict[str, dict[str, float]]]:
-    """Published numbers of ``paper_results/<name>.csv`` for ``dataset`` (and ``downstream``), as fractions when
-    ``percent`` (the file holds percentages) or as printed: {"paper: <method>": {product: {metric: value}}}."""
+def paper_names(name) -> list[str]:
+    """A protocol's ``paper``: one table file's name, a list of them, or nothing."""
     if not name:
-        return {}
-    path = PAPER_DIR / f"{name}.csv"
+        return []
+    return [str(name)] if isinstance(name, str) else [str(n) for n in name]
+
+
+def load_paper(name, dataset: str, downstream: str | None = None,
+               percent: bool = True) -> dict[str, dict[str, dict[str, float]]]:
+    """Published numbers of ``paper_results/<name>.csv`` (``name`` may be a list of such files) for ``dataset`` (and
+    ``downstream``), as fractions when ``percent`` (the files hold percentages) or as printed:
+    {"paper: <method>": {product: {metric: value}}}."""
     out: dict = defaultdict(lambda: defaultdict(dict))
-    with path.open() as f:
-        for row in csv.DictReader(line for line in f if not line.startswith("#")):
-            if row["dataset"] != dataset or (downstream and row.get("downstream") not in (downstream, "", None)):
-                continue
-            product = AVERAGE if row["product"] == "average" else row["product"]
-            out[f"paper: {row['method']}"][product][row["metric"]] = float(row["value"]) / (100.0 if percent else 1.0)
+    for one in paper_names(name):
+        with (PAPER_DIR / f"{one}.csv").open() as f:
+            for row in csv.DictReader(line for line in f if not line.startswith("#")):
+                if row["dataset"] != dataset or (downstream and row.get("downstream") not in (downstream, "", None)):
+                    continue
+                product = AVERAGE if row["product"] == "average" else row["product"]
+                out[f"paper: {row['method']}"][product][row["metric"]] = \
+                    float(row["value"]) / (100.0 if percent else 1.0)
     return {k: dict(v) for k, v in out.items()}
 
 
@@ -183,8 +190,8 @@ def write_downstream(records: list[dict], meta: dict, run_dir: Path, protocol) -
     if meta.get("backbone"):
         notes.append(f"Backbone: {meta['backbone']}.")
     if paper:
-        notes.append("Rows 'paper: ...' are the published numbers (segmentation/paper_results/"
-                     f"{protocol.get('paper')}.csv).")
+        files = ", ".join(f"segmentation/paper_results/{n}.csv" for n in paper_names(protocol.get("paper")))
+        notes.append(f"Rows 'paper: ...' are the published numbers ({files}).")
     md = [title, " ".join(notes) + "\n\n"]
     h, rows = summary_table(results, metrics, meta["downstream"], digits=2)
     md.append("## Averaged over products\n\n" + markdown(h, rows) + "\n")

@@ -558,3 +558,24 @@ def test_glass_protocol_simulates_in_the_baseline_and_takes_the_arms_anomalies_o
     assert all(by[("baseline", p)]["n_train_anomalies"] == 0 for p in PRODUCTS)          # LAS simulates them
     assert all(by[(a, p)]["n_train_anomalies"] > 0 for a in ("generated", "oracle") for p in PRODUCTS)
     assert all(r["steps"] == 2 and 0 <= r["pixel_auroc"] <= 1 and r["unit"] == "all" for r in recs)
+
+
+def test_seas_tables_2_3_26_27_are_typed_in_and_found_by_downstream():
+    """The protocol's paper list serves each downstream its own rows: Tab. 3 for MambaAD, Tab. 2 for GLASS, Tab. 26-27
+    (per category) for LFD, Tab. 4 for BiSeNet V2; the papers' Average rows of Tab. 2/3 equal the mean of the rows."""
+    from omegaconf import OmegaConf
+    names = list(OmegaConf.load(CONFIGS + "/protocol/seas.yaml").paper)
+    m = tables.load_paper(names, "mvtec_ad", "mambaad")
+    assert set(m) == {"paper: none", "paper: SeaS"}
+    assert m["paper: SeaS"][tables.AVERAGE]["pixel_ap"] == pytest.approx(0.5686)
+    assert tables.load_paper(names, "visa", "glass")["paper: none"][tables.AVERAGE]["pixel_iou"] == pytest.approx(0.3992)
+    lfd = tables.load_paper(names, "mvtec_ad", "lfd")
+    assert set(lfd) == {"paper: DFMGAN", "paper: AnomalyDiffusion", "paper: SeaS"}
+    assert lfd["paper: SeaS"]["bottle"]["pixel_iou"] == pytest.approx(0.7382)
+    assert lfd["paper: SeaS"][tables.AVERAGE]["image_auroc"] == pytest.approx(0.9670)
+    assert set(tables.load_paper(names, "mvtec_ad", "bisenetv2")) == {"paper: DFMGAN", "paper: AnomalyDiffusion",
+                                                                      "paper: SeaS"}
+    # Tab. 3's printed "Average(+ SeaS)" on MVTec AD pixel AP (56.46) is the mean of the three "+ SeaS" rows
+    rows = [tables.load_paper("seas_tab2_tab3", "mvtec_ad", d)["paper: SeaS"][tables.AVERAGE]["pixel_ap"]
+            for d in ("hvqtrans", "patchcore", "mambaad")]
+    assert sum(rows) / 3 == pytest.approx(0.5646, abs=1e-4)
