@@ -24,6 +24,7 @@ from typing import Sequence
 
 import numpy as np
 import torch
+import torch.nn as nn
 from omegaconf import DictConfig, OmegaConf
 
 from core.data import DatasetError, Sample, anomaly_types, apply_split, load_from_config, screen_empty_masks
@@ -355,34 +356,55 @@ def extra_normals(cfg: DictConfig, arm: str, product: str, generated, model: str
     return extra
 
 
-def run_reconstruction(cfg, arm, fold, products, split, generated, size, run_dir, device, tag) -> list[dict]:
-    """A multi-class reconstruction detector (MambaAD) trained on the unit's normal images only: the real ones plus
-    the arm's extra normals (generated / oracle); per product its maps and max image scores."""
-    from .mambaad import MambaAD, anomaly_map, distillation_loss
-
-    d = cfg.downstream
-    normals = [s for s in split.train if s.label == 0 and s.product in products]
-    extra = [s for p in products for s in extra_normals(cfg, arm, p, generated, "MambaAD")]
-    if size % 32:
-        raise ValueError(f"MambaAD needs an image side divisible by 32 (image_size={size}). Fix: image_size=128 or "
-                         f"256.")
+def build_reconstruction(cfg: DictConfig, size: int, n_classes: int) -> nn.Module:
+    """MambaAD or HVQ-Trans (``downstream.name``) on a frozen timm backbone from a local file (null = random init)."""
     import timm
-    teacher = timm.create_model(str(d.backbone), pretrained=False, features_only=True, out_indices=(1, 2, 3))
+    d = cfg.downstream
+    indices = tuple(d.get("stages") or ((1, 2, 3) if d.name == "mambaad" else (0, 1, 2, 3)))
+    backbone = timm.create_model(str(d.backbone), pretrained=False, features_only=True, out_indices=indices)
     if d.get("weights"):
         from .upernet import load_backbone_weights
-        load_backbone_weights(teacher, d.weights, str(d.backbone), "downstream.weights")
+        load_backbone_weights(backbone, d.weights, str(d.backbone), "downstream.weights")
     torch.manual_seed(int(cfg.seed))
-    c = tuple(teacher.feature_info.channels())
-    model = MambaAD(teacher, size, c, (2 * c[2], c[2], c[1], c[0]), tuple(d.depths),
-                    d_state=int(d.d_state), scan_type=str(d.scan_type), num_direction=int(d.num_direction))
-    spec = train_spec(cfg, len(normals) + len(extra))
+    c = tuple(backbone.feature_info.channels())
+    if d.name == "mambaad":
+        from .mambaad import MambaAD
+        if size % 32:
+            raise ValueError(f"MambaAD needs an image side divisible by 32 (image_size={size}). Fix: image_size=128 "
+                             f"or 256.")
+        return MambaAD(backbone, size, c, (2 * c[2], c[2], c[1], c[0]), tuple(d.depths), d_state=int(d.d_state),
+                       scan_type=str(d.scan_type), num_direction=int(d.num_direction))
+    if d.name == "hvqtrans":
+        from .hvqtrans import HVQTrans
+        if size % 16:
+            raise ValueError(f"HVQ-Trans needs an image side divisible by 16 (image_size={size}).")
+        return HVQTrans(backbone, sum(c), size // 16, n_classes, int(d.hidden), int(d.heads), int(d.ff),
+                        int(d.layers), int(d.n_embed), float(d.latent_weight), float(d.dropout))
+    raise ValueError(f"downstream.name={d.name} has no reconstruction model (mambaad | hvqtrans).")
+
+
+def run_reconstruction(cfg, arm, fold, products, split, generated, size, run_dir, device, tag) -> list[dict]:
+    """A multi-class reconstruction detector (MambaAD, HVQ-Trans) trained on the unit's normal images only: the real
+    ones plus the arm's extra normals (generated / oracle); per product its maps and max image scores. HVQ-Trans
+    switches its codebooks and output projection by product (the class)."""
+    d = cfg.downstream
+    normals = [s for s in split.train if s.label == 0 and s.product in products]
+    extra = [s for p in products for s in extra_normals(cfg, arm, p, generated, str(d.name))]
+    pool_samples = normals + extra
+    classes = {p: i for i, p in enumerate(products)}
+    model = build_reconstruction(cfg, size, len(products))
+    spec = train_spec(cfg, len(pool_samples))
     spec.anomaly_fraction = None
     norm = normalizer(d)
 
     def step(m, batch, spec_):
+        if d.name == "hvqtrans":
+            c = torch.tensor([classes[pool_samples[int(i)].product] for i in batch["index"]], device=batch["image"].device)
+            return m(batch["image"], c)["loss"]
+        from .mambaad import distillation_loss
         return distillation_loss(*m(batch["image"]), float(d.loss_weight), str(d.loss))
     t0 = time.perf_counter()
-    history = train(model, ImagePool([], size), ImagePool(normals + extra, size), spec,
+    history = train(model, ImagePool([], size), ImagePool(pool_samples, size), spec,
                     run_dir / "checkpoints" / f"{tag}.pt", device, tag, loss_fn=step, normalize=norm)
     train_s = time.perf_counter() - t0
     model.eval()
@@ -394,13 +416,17 @@ def run_reconstruction(cfg, arm, fold, products, split, generated, size, run_dir
         with torch.no_grad():
             for i in range(0, len(pool), bs):
                 x = pool.batch(range(i, min(i + bs, len(pool))))["image"]
-                x = norm(x) if norm is not None else x
-                maps.append(anomaly_map(*model(x.to(device)), size, float(d.sigma)).cpu())
+                x = (norm(x) if norm is not None else x).to(device)
+                if d.name == "hvqtrans":
+                    maps.append(model.anomaly_map(x, torch.full((len(x),), classes[p], device=device), size).cpu())
+                else:
+                    from .mambaad import anomaly_map
+                    maps.append(anomaly_map(*model(x), size, float(d.sigma)).cpu())
         maps = torch.cat(maps)
         unit = "all" if len(products) > 1 else p
         metrics = _score_unit(cfg, run_dir, arm, tag, unit, p, pool, maps, maps.flatten(1).amax(1))
         records.append(_record(cfg, arm, fold, p, unit, spec.steps, train_s, time.perf_counter() - t1, history, 0,
-                               len([s for s in normals + extra if s.product == p]), metrics))
+                               len([s for s in pool_samples if s.product == p]), metrics))
     return records
 
 

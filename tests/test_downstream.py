@@ -579,3 +579,15 @@ def test_seas_tables_2_3_26_27_are_typed_in_and_found_by_downstream():
     rows = [tables.load_paper("seas_tab2_tab3", "mvtec_ad", d)["paper: SeaS"][tables.AVERAGE]["pixel_ap"]
             for d in ("hvqtrans", "patchcore", "mambaad")]
     assert sum(rows) / 3 == pytest.approx(0.5646, abs=1e-4)
+
+
+def test_hvqtrans_trains_once_for_all_products_with_a_codebook_set_each(world, tmp_path):
+    cfg = _cfg(world, "seas", "hvqtrans", ["image_size=64", "downstream.backbone=resnet18", "downstream.stages=[1,2]",
+                                          "downstream.hidden=16", "downstream.heads=2", "downstream.ff=32",
+                                          "downstream.layers=2", "downstream.n_embed=8"])
+    protocols.eval_downstream(cfg, tmp_path)
+    recs = [r for f in (tmp_path / "results").glob("*.json") for r in json.loads(f.read_text())]
+    n = {(r["arm"], r["product"]): r["n_train_normals"] for r in recs}
+    assert set(n) == {(a, p) for a in ("baseline", "generated", "oracle") for p in PRODUCTS}
+    assert all(n[("baseline", p)] == 4 and n[("generated", p)] == n[("oracle", p)] == 6 for p in PRODUCTS)
+    assert all(r["unit"] == "all" and 0 <= r["pixel_auroc"] <= 1 for r in recs)
