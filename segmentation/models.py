@@ -13,7 +13,7 @@ import torch.nn as nn
 IMAGENET_MEAN = torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1)
 IMAGENET_STD = torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1)
 
-SEGMENTERS = ("unet", "bisenetv2", "upernet")
+SEGMENTERS = ("unet", "bisenetv2", "upernet", "lfd")
 CLASSIFIERS = ("resnet34", "resnet50")
 
 
@@ -43,6 +43,9 @@ def build_segmenter(node) -> nn.Module:
         from .upernet import UPerNet
         return UPerNet(2, backbone=node.get("backbone", "resnet50"), weights=node.get("weights"),
                        channels=int(node.get("channels", 512)), aux_channels=int(node.get("aux_channels", 256)))
+    if name == "lfd":
+        from .lfd import LFD
+        return LFD(2, scale_factor=int(node.get("scale_factor", 2)), weights=node.get("weights"))
     raise ValueError(f"Unknown segmenter '{name}'. Available: {', '.join(SEGMENTERS)}.")
 
 

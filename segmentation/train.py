@@ -37,7 +37,7 @@ class TrainSpec:
     momentum: float = 0.9
     weight_decay: float = 0.0
     schedule: str = "constant"         # constant | poly (power 0.9, MMSeg) | multistep (x0.2 at 80% and 90%, DRAEM) | step | cosine
-    loss: str = "focal"                # focal | ce
+    loss: str = "focal"                # focal | ce | ohem (LFD's OHEM cross-entropy, class weights 1 / 4)
     focal_gamma: float = 2.0
     aux_weight: float = 1.0            # weight of each auxiliary head's loss (BiSeNetV2 1.0, UPerNet 0.4)
     anomaly_fraction: float | None = 0.5
@@ -114,6 +114,9 @@ def segmentation_loss(outputs, target: torch.Tensor, spec: TrainSpec) -> torch.T
     t = target.long()
 
     def one(logits):
+        if spec.loss == "ohem":   # LFD's official loss
+            from .lfd import ohem_ce
+            return ohem_ce(logits, t)
         return focal_loss(logits, t, spec.focal_gamma) if spec.loss == "focal" else F.cross_entropy(logits, t)
 
     return one(main) + spec.aux_weight * sum((one(a) for a in aux), torch.zeros(()))

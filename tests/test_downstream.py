@@ -591,3 +591,14 @@ def test_hvqtrans_trains_once_for_all_products_with_a_codebook_set_each(world, t
     assert set(n) == {(a, p) for a in ("baseline", "generated", "oracle") for p in PRODUCTS}
     assert all(n[("baseline", p)] == 4 and n[("generated", p)] == n[("oracle", p)] == 6 for p in PRODUCTS)
     assert all(r["unit"] == "all" and 0 <= r["pixel_auroc"] <= 1 for r in recs)
+
+
+def test_lfd_runs_under_seas_with_ohem(world, tmp_path):
+    cfg = _cfg(world, "seas", "lfd", ["image_size=64"])
+    assert cfg.downstream.train.loss == "ohem"
+    md = protocols.eval_downstream(cfg, tmp_path)
+    recs = [r for f in (tmp_path / "results").glob("*.json") for r in json.loads(f.read_text())]
+    assert {(r["arm"], r["product"]) for r in recs} == {(a, p) for a in ("baseline", "generated", "oracle")
+                                                        for p in PRODUCTS}
+    assert all(r["unit"] == "all" and r["steps"] == 2 for r in recs)
+    assert "| LFD | baseline |" in md.read_text()            # the summary rows name the model as SeaS Tab. 4 does
