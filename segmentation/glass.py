@@ -130,6 +130,14 @@ class GLASS(nn.Module):
         self.preprocess_dim, self.target_dim = preprocess_dim, target_dim
         self.projection = Projection(target_dim, proj_layers) if proj_layers else nn.Identity()
         self.discriminator = Discriminator(target_dim, dsc_layers, dsc_hidden)
+        # the centre c of the normal features and the steps since it was computed: buffers, so that a checkpoint
+        # carries them and a resumed run continues exactly (set_centre gives them their shape before training)
+        self.register_buffer("centre", torch.zeros(0))
+        self.register_buffer("centre_age", torch.zeros((), dtype=torch.long))
+
+    def set_centre(self, centre: torch.Tensor) -> None:
+        self.centre = centre.detach().clone()
+        self.centre_age.zero_()
 
     def train(self, mode: bool = True):
         super().train(mode)

@@ -448,23 +448,21 @@ def run_glass(cfg, arm, fold, products, split, generated, size, run_dir, device,
     norm = normalizer(d)
     source = anomaly_source(cfg, size)
     centre_pool = ImagePool(normals[: int(d.centre_images)], size)
-    state = {"centre": None, "at": -1}
 
     def centre(m) -> torch.Tensor:
-        """Each patch position's mean projected normal feature, recomputed every ``centre_every`` steps (the
-        official code: every epoch)."""
+        """Each patch position's mean projected normal feature (the official code recomputes it every epoch; here
+        every ``centre_every`` steps, kept in the model's buffers so that a resume continues exactly)."""
         with torch.no_grad():
             x = centre_pool.batch(range(len(centre_pool)))["image"]
             f, (h, w) = m.features((norm(x) if norm else x).to(device))
             return f.view(len(centre_pool), h * w, -1).mean(0)
 
-    calls = {"n": 0}
+    model.set_centre(centre(model))
 
     def step(m, batch, spec_):
-        k = calls["n"]
-        calls["n"] += 1
-        if state["centre"] is None or k - state["at"] >= int(d.centre_every):
-            state["centre"], state["at"] = centre(m), k
+        if int(m.centre_age) >= int(d.centre_every):
+            m.set_centre(centre(m))
+        m.centre_age += 1
         x, mk, src = batch["image"], batch["mask"], batch["source"]
         nx = x[src == 0]
         if bool((src == 1).any()):
@@ -476,7 +474,7 @@ def run_glass(cfg, arm, fold, products, split, generated, size, run_dir, device,
             am = torch.stack([b for _, b in pairs]).to(nx)
         n = min(len(nx), len(ax))
         nx, ax, am = (norm(nx[:n]) if norm else nx[:n]), (norm(ax[:n]) if norm else ax[:n]), am[:n]
-        return glass_step(m, nx, ax, am, state["centre"], d)
+        return glass_step(m, nx, ax, am, m.centre, d)
     t0 = time.perf_counter()
     history = train(model, ImagePool(anomalies, size), ImagePool(normals, size), spec,
                     run_dir / "checkpoints" / f"{tag}.pt", device, tag, loss_fn=step)

@@ -602,3 +602,38 @@ def test_lfd_runs_under_seas_with_ohem(world, tmp_path):
                                                         for p in PRODUCTS}
     assert all(r["unit"] == "all" and r["steps"] == 2 for r in recs)
     assert "| LFD | baseline |" in md.read_text()            # the summary rows name the model as SeaS Tab. 4 does
+
+
+def test_glass_killed_mid_training_resumes_to_the_uninterrupted_result(world, tmp_path):
+    """GLASS's centre c lives in the model's buffers, so a run killed after its step-2 checkpoint and rerun reaches
+    the same weights, and the same metrics, as one that was never interrupted (centre recomputed every 3 steps)."""
+    import segmentation.train as T
+    ov = ["downstream.backbone=resnet18", "downstream.preprocess_dim=32", "downstream.target_dim=32",
+          "downstream.dsc_hidden=32", "downstream.gas_steps=2", "downstream.centre_images=4",
+          "downstream.centre_every=3", "limits.max_train_steps=5", "++downstream.train.checkpoint_every=2",
+          "arms=[generated]", "protocol.unified=false", "products=[bottle]"]
+    protocols.eval_downstream(_cfg(world, "seas", "glass", ov), tmp_path / "a")
+    orig, calls = T.make_optimizer, {"n": 0}
+
+    def crash(model, s):
+        opt, sched = orig(model, s)
+        real = opt.step
+
+        def counting(*a, **k):
+            calls["n"] += 1
+            if calls["n"] == 3:
+                raise KeyboardInterrupt
+            return real(*a, **k)
+        opt.step = counting
+        return opt, sched
+    T.make_optimizer = crash
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            protocols.eval_downstream(_cfg(world, "seas", "glass", ov + ["keep_checkpoints=true"]), tmp_path / "b")
+    finally:
+        T.make_optimizer = orig
+    protocols.eval_downstream(_cfg(world, "seas", "glass", ov + ["keep_checkpoints=true"]), tmp_path / "b")
+    a = json.loads(next((tmp_path / "a" / "results").glob("*.json")).read_text())
+    b = json.loads(next((tmp_path / "b" / "results").glob("*.json")).read_text())
+    for key in ("pixel_auroc", "pixel_ap", "image_auroc", "final_loss"):
+        assert a[0][key] == b[0][key], key
