@@ -606,11 +606,13 @@ def test_lfd_runs_under_seas_with_ohem(world, tmp_path):
 
 def test_glass_killed_mid_training_resumes_to_the_uninterrupted_result(world, tmp_path):
     """GLASS's centre c lives in the model's buffers, so a run killed after its step-2 checkpoint and rerun reaches
-    the same weights, and the same metrics, as one that was never interrupted (centre recomputed every 3 steps)."""
+    the same weights, and the same metrics, as one that was never interrupted (centre recomputed every 3 steps; the
+    hypersphere distribution, where c sets the rings)."""
     import segmentation.train as T
     ov = ["downstream.backbone=resnet18", "downstream.preprocess_dim=32", "downstream.target_dim=32",
           "downstream.dsc_hidden=32", "downstream.gas_steps=2", "downstream.centre_images=4",
-          "downstream.centre_every=3", "limits.max_train_steps=5", "++downstream.train.checkpoint_every=2",
+          "downstream.centre_every=3", "downstream.distribution=hypersphere", "limits.max_train_steps=5",
+          "++downstream.train.checkpoint_every=2",
           "arms=[generated]", "protocol.unified=false", "products=[bottle]"]
     protocols.eval_downstream(_cfg(world, "seas", "glass", ov), tmp_path / "a")
     orig, calls = T.make_optimizer, {"n": 0}
