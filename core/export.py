@@ -63,7 +63,11 @@ def claim_output_dir(root: str | Path) -> Path:
         return root
     if root.exists() and not root.is_dir():
         raise DatasetError(f"out_dir={root} is a file, not a folder. Fix: out_dir=<a new folder>.")
-    foreign = sorted(p.name for p in root.iterdir() if p.name not in _PRE_WRITER) if root.is_dir() else []
+    # another process claiming the same folder at this moment leaves its marker's temporary file (io.atomic_write):
+    # part of a claim, not foreign content (a sweep's jobs generate into one folder concurrently)
+    claiming = f".{OWNER_MARKER}.tmp-"
+    foreign = sorted(p.name for p in root.iterdir() if p.name not in _PRE_WRITER and not p.name.startswith(claiming)) \
+        if root.is_dir() else []
     if foreign:
         shown = ", ".join(foreign[:4]) + (", ..." if len(foreign) > 4 else "")
         hint = (f" If it is a generated folder of an older version of this toolkit, adopt it with: touch {marker}"

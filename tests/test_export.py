@@ -204,3 +204,17 @@ def _hold_lock(root, ready):
     w = GeneratedWriter(root, "bottle", "seas", {})  # noqa: F841 (held until killed)
     ready.set()
     time.sleep(600)
+
+
+def test_a_folder_another_job_is_claiming_at_this_moment_is_claimed_too(tmp_path):
+    """Two sweep jobs generating into one folder: the first one's marker is being written (its temporary file is all
+    there is); the second must claim the folder too, not call it foreign. Any other stray file is still refused."""
+    out = tmp_path / "gen"
+    out.mkdir()
+    (out / f".{OWNER_MARKER}.tmp-12345").write_text("{")
+    assert claim_output_dir(out) == out and (out / OWNER_MARKER).is_file()
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / f"{OWNER_MARKER}.tmp").write_text("{")            # not the claim's temporary name
+    with pytest.raises(DatasetError, match="not empty"):
+        claim_output_dir(other)
