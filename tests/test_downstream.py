@@ -490,6 +490,18 @@ def test_eval_generation_on_the_synthetic_world_uses_the_world_clip(world, tmp_p
         assert cells[0] >= 1.0 and abs(cells[1]) < 1e-3 and abs(cells[2]) < 1e-3  # identical normals: FID, KID ~0
         assert cells[3] > 1e-3 and 0 <= cells[4] <= 100  # FID(a): other real defects, not the same images
         assert 0 <= cells[5] <= 1   # another render than the source: some change falls outside the mask
+    # an anomaly-only folder (no generated normals): the default set leaves out FID / KID and says so; asking for KID
+    # by name still stops with the fix
+    for p in PRODUCTS:
+        shutil.rmtree(copy / p / "train" / "good")
+    md = eval_generation(cfg, tmp_path / "run2", clip=clip).read_text()
+    header = [line for line in md.splitlines() if line.startswith("| ")][0]
+    assert header == "| Category | IS | FID(a) | CLIP score | Alignment |" and "fid, kid (of generated normals" in md
+    with initialize_config_dir(config_dir=CONFIGS, version_base="1.3"):
+        named = compose(config_name="eval_generation", overrides=[f"dataset.root={w}", "dataset.resolution=64",
+                                                                   f"generated={copy}", "metrics.names=[is,kid]"])
+    with pytest.raises(DatasetError, match="normal images"):
+        eval_generation(named, tmp_path / "run3", clip=clip)
 
 
 def test_mask_alignment_is_the_share_of_changed_pixels_inside_the_mask():
