@@ -54,9 +54,9 @@ def run_products(cfg: DictConfig) -> list[str]:
 def training_items(cfg: DictConfig, products: Sequence[str]) -> list[tuple[Sample, str, str]]:
     """(sample, unified defect name or ``good``, product) for every training image: each product's training
     anomalies under ``cfg.split`` (``half``) with their masks, and its first ``method.train.normals_per_product``
-    normal training images by file name (``match``: as many as its training anomalies). A product in
-    ``method.train.exclude_defects_of`` gives normals only (the zero-shot setting of Sec. 3.6). Unified names come
-    from ``method.names`` (supp. Tab. 2); an empty table keeps the folder names."""
+    normal training images by file name (``match``: as many as its training anomalies; a product without any, such
+    as one in ``method.train.exclude_defects_of``, the zero-shot setting of Sec. 3.6, as many as the product with
+    the most). Unified names come from ``method.names`` (supp. Tab. 2); an empty table keeps the folder names."""
     table = OmegaConf.to_container(cfg.method.names, resolve=True) if cfg.method.get("names") else None
     excluded = {str(p) for p in (cfg.method.train.get("exclude_defects_of") or [])}
     unknown = sorted(excluded - set(products))
@@ -65,17 +65,20 @@ def training_items(cfg: DictConfig, products: Sequence[str]) -> list[tuple[Sampl
                          f"({', '.join(products)}).")
     split = split_from_config(load_from_config(cfg.dataset, list(products)), cfg.split)
     items: list[tuple[Sample, str, str]] = []
+    anomalies_of = {p: [s for s in split.train if s.product == p and s.label == 1 and p not in excluded]
+                    for p in products}
+    most = max(len(v) for v in anomalies_of.values())
     for p in products:
-        anomalies = [s for s in split.train if s.product == p and s.label == 1 and p not in excluded]
+        anomalies = anomalies_of[p]
         require_masks(anomalies, p, "DefectDiffu learns the mask head and the defect-region loss from them")
         normals = sorted((s for s in split.train if s.product == p and s.label == 0), key=lambda s: (s.name, s.path))
         n = cfg.method.train.normals_per_product
-        n = len(anomalies) if str(n) == "match" else len(normals) if n is None else int(n)
+        n = (len(anomalies) or most) if str(n) == "match" else len(normals) if n is None else int(n)
         if not normals and n:
             raise DatasetError(f"Product '{p}' has no normal training images under split '{cfg.split.name}'.")
         items += [(s, unified_defect(table, p, s.anomaly_type) if table is not None else s.anomaly_type, p)
                   for s in anomalies]
-        items += [(s, GOOD, p) for s in normals[:max(n, 1 if not anomalies else 0)]]
+        items += [(s, GOOD, p) for s in normals[:n]]
     if not any(d != GOOD for _, d, _ in items):
         raise DatasetError(f"No training anomaly in products {list(products)} under split '{cfg.split.name}': "
                            f"DefectDiffu learns defects from them.")

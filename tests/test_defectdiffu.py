@@ -327,6 +327,9 @@ def test_training_items_take_the_half_split_normals_without_masks_and_the_name_t
                                                   ["bottle"]) if d == "good"]) == 1
     excl = M.training_items(_cfg(two_world, **{"method.train.exclude_defects_of": "[pill]"}), ["bottle", "pill"])
     assert {d for _, d, q in excl if q == "pill"} == {"good"}
+    # the zero-shot product learns its background from as many normals as the product with the most anomalies (4),
+    # here all 3 it has
+    assert len([1 for _, d, q in excl if q == "pill"]) == 3
 
 
 def test_killed_training_resumes_to_the_uninterrupted_model(two_world, tmp_path):
