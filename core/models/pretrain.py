@@ -411,5 +411,6 @@ def save_prior(comp: SDComponents, out_dir: Path, cfg: dict, half: bool) -> None
 
 __all__ = ["DEFECT_PHRASES", "Pool", "caption", "check_corpus_products", "corpus_from_config", "encode_pool", "finetune",
            "pretrain",
-           "render_corpus", "render_pool", "train_denoiser", "train_vae", "vae_reconstruction", "write_manifest",
+           "render_corpus", "render_pool", "train_denoiser", "train_eps_model", "train_vae", "vae_reconstruction",
+           "write_manifest",
            "PRETRAIN_PRODUCTS", "BENCHMARK_PRODUCTS"]
