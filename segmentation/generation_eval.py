@@ -26,6 +26,7 @@ from __future__ import annotations
 
 from collections import defaultdict
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import torch
@@ -140,6 +141,12 @@ def eval_generation(cfg: DictConfig, run_dir: Path, extractor=None, lpips_model=
         lpips_model = load_lpips(variant.backbone, cfg.weights.get("lpips_backbone"), "weights.lpips_backbone")
     dist = lpips_distance(lpips_model, variant.resize) if lpips_model is not None else None
 
+    reference = None
+    if "alignment" in wanted and str(cfg.get("alignment_reference", "source")) == "vae":
+        from core.models import load_model
+        reference = vae_reference(load_model(cfg.model))
+    elif str(cfg.get("alignment_reference", "source")) not in ("source", "vae"):
+        raise ValueError(f"alignment_reference must be source or vae, got '{cfg.alignment_reference}'.")
     results: dict = defaultdict(dict)
     notes = [f"No generated normal images in {gen_root}: {', '.join(skipped)} (of generated normals against the real "
              f"ones) not computed."] if skipped else []
@@ -186,7 +193,7 @@ def eval_generation(cfg: DictConfig, run_dir: Path, extractor=None, lpips_model=
             row["fid_anomaly"] = fid(extract(extractor, _images(ref, size)[0])[0],
                                      extract(extractor, _images(gen_anom, size)[0])[0])
         if "alignment" in wanted:
-            row["alignment"] = _alignment(gen_root, gen_anom)
+            row["alignment"] = _alignment(gen_root, gen_anom, reference)
             if row["alignment"] is None:
                 notes.append(f"{p}: no alignment (the manifest records no source normal image for its anomalies).")
         if "clip_score" in wanted:
@@ -216,9 +223,25 @@ def eval_generation(cfg: DictConfig, run_dir: Path, extractor=None, lpips_model=
     return path
 
 
-def _alignment(gen_root: Path, anomalies) -> float | None:
+def vae_reference(comp) -> Callable[[torch.Tensor], torch.Tensor]:
+    """The source image as the generator's own VAE returns it (encode, decode, at the model's resolution, resized
+    back): the reference for alignment when the prior's round trip alone moves pixels (``alignment_reference=vae``)."""
+    def ref(y: torch.Tensor) -> torch.Tensor:
+        size = y.shape[-2:]
+        x = torch.nn.functional.interpolate(y, size=(comp.resolution,) * 2, mode="bilinear", antialias=True,
+                                            align_corners=False) if size != (comp.resolution,) * 2 else y
+        with torch.no_grad():
+            r = comp.decode_latents(comp.encode_images(x.to(comp.device))).float().cpu().clamp(0, 1)
+        return torch.nn.functional.interpolate(r, size=size, mode="bilinear", antialias=True, align_corners=False) \
+            if r.shape[-2:] != size else r
+    return ref
+
+
+def _alignment(gen_root: Path, anomalies, reference: Callable[[torch.Tensor], torch.Tensor] | None = None
+               ) -> float | None:
     """Mean :func:`core.metrics.generation.mask_alignment` of the anomalies whose manifest record names a source
-    image that exists (resized to the generated image's size); None when none does."""
+    image that exists (resized to the generated image's size); None when none does. ``reference`` maps the source
+    to what the change is measured against (default: the source itself)."""
     from core.data import read_image
     from core.data.torch_dataset import to_tensor
     from core.export import read_manifest
@@ -235,6 +258,8 @@ def _alignment(gen_root: Path, anomalies) -> float | None:
         if y.shape[-2:] != x.shape[-2:]:
             y = torch.nn.functional.interpolate(y, size=x.shape[-2:], mode="bilinear", antialias=True,
                                                 align_corners=False)
+        if reference is not None:
+            y = reference(y)
         a = float(mask_alignment(x, y, m)[0])
         if a == a:
             values.append(a)

@@ -651,3 +651,34 @@ def test_glass_killed_mid_training_resumes_to_the_uninterrupted_result(world, tm
     b = json.loads(next((tmp_path / "b" / "results").glob("*.json")).read_text())
     for key in ("pixel_auroc", "pixel_ap", "image_auroc", "final_loss"):
         assert a[0][key] == b[0][key], key
+
+
+def test_alignment_against_the_vae_round_trip_separates_the_method_from_its_prior(tmp_path):
+    """A generated image that is the source's VAE round trip plus a change inside the mask: against the source the
+    round trip's own changes count (alignment < 1); against the round trip (alignment_reference=vae) only the
+    method's change does (alignment 1)."""
+    import numpy as np
+    from PIL import Image
+    from core.data import load_folder
+    from core.export import GeneratedWriter
+    from core.models import build_random
+    from segmentation.generation_eval import _alignment, vae_reference
+
+    comp = build_random("tiny", seed=0)
+    rng = np.random.default_rng(0)
+    src = (rng.random((64, 64, 3)) * 255).astype(np.uint8)
+    src_path = tmp_path / "src.png"
+    Image.fromarray(src).save(src_path)
+    y = torch.from_numpy(np.array(Image.open(src_path))).permute(2, 0, 1)[None].float() / 255
+    ref = vae_reference(comp)
+    gen = ref(y)[0].permute(1, 2, 0).numpy()
+    mask = np.zeros((64, 64), bool)
+    mask[10:30, 20:50] = True
+    gen[mask] = np.clip(gen[mask] + 0.5, 0, 1)
+    with GeneratedWriter(tmp_path / "gen", "bottle", "test", {}) as w:
+        w.write_anomaly("crack", 0, (gen * 255).round().astype(np.uint8), mask, source=str(src_path))
+        w.finalize()
+    samples = [s for s in load_folder(tmp_path / "gen", ["bottle"]) if s.label == 1]
+    plain = _alignment(tmp_path / "gen", samples)
+    against_vae = _alignment(tmp_path / "gen", samples, ref)
+    assert plain < 0.5 and against_vae == pytest.approx(1.0)
