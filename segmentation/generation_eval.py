@@ -150,6 +150,9 @@ def eval_generation(cfg: DictConfig, run_dir: Path, extractor=None, lpips_model=
     results: dict = defaultdict(dict)
     notes = [f"No generated normal images in {gen_root}: {', '.join(skipped)} (of generated normals against the real "
              f"ones) not computed."] if skipped else []
+    if reference is not None:
+        notes.append(f"Alignment is measured against each source's round trip through the VAE of model="
+                     f"{cfg.model.get('name', cfg.model.get('kind'))} (alignment_reference=vae), not the source.")
     for p in products:
         gen_anom = [s for s in generated if s.product == p and s.label == 1]
         row = results[p]
