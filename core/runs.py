@@ -19,6 +19,11 @@ IDENTITY = "identity.json"
 # keys that do not change what a run computes, so a rerun may change them: where it runs, and whether a downstream
 # run keeps its per-unit checkpoints
 VOLATILE_KEYS = ("device", "keep_checkpoints")
+# settings added after runs had recorded identities, each with the value that reproduces what runs did before the key
+# existed: a run recorded without the key resumes when the key has that value (and is refused with any other)
+ADDED_KEYS: dict[str, Any] = {
+    "config.alignment_reference": "source",  # eval_generation, 2026-12-06: alignment against the source image
+}
 
 
 class RunIdentityError(ValueError):
@@ -50,7 +55,8 @@ def check_run_identity(run_dir: Path, cfg: DictConfig, extra: dict | None = None
     The identity is the resolved config without :data:`VOLATILE_KEYS` (and without ``hydra``), plus ``extra``
     (content identities: a checkpoint's, a generated folder's, a dataset's). The first run writes it to
     ``<run_dir>/identity.json``; a rerun with another identity raises :class:`RunIdentityError` naming the keys that
-    differ, before anything is written. Returns the identity's hash."""
+    differ, before anything is written. A key of :data:`ADDED_KEYS` that the record lacks counts as equal when it has
+    the value that reproduces the recorded run. Returns the identity's hash."""
     conf = OmegaConf.to_container(cfg, resolve=True)
     for k in (*VOLATILE_KEYS, "hydra"):
         conf.pop(k, None)
@@ -65,7 +71,10 @@ def check_run_identity(run_dir: Path, cfg: DictConfig, extra: dict | None = None
                 from None
         if old.get("hash") != digest:
             a, b = _flat(old.get("defined_by", {})), _flat(defined)
-            diff = sorted(k for k in a.keys() | b.keys() if a.get(k, "<unset>") != b.get(k, "<unset>"))
+            diff = sorted(k for k in a.keys() | b.keys() if a.get(k, "<unset>") != b.get(k, "<unset>")
+                          and not (k not in a and k in ADDED_KEYS and b.get(k) == ADDED_KEYS[k]))
+            if not diff:  # only keys added since, each at the value that reproduces the recorded run
+                return digest
             shown = "; ".join(f"{k}: {a.get(k, '<unset>')!r} -> {b.get(k, '<unset>')!r}" for k in diff[:4])
             more = f" (and {len(diff) - 4} more)" if len(diff) > 4 else ""
             raise RunIdentityError(f"{run_dir} holds a {what} defined differently: {shown}{more}. Nothing was "

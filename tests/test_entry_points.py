@@ -137,7 +137,7 @@ def test_generate_keeps_the_runs_node_under_overrides_inside_it(tmp_path):
     assert cfg.model.name == "mini" and cfg.product == "bottle" and cfg.method.generate.guidance == 3.0
 
 
-def test_run_identity_records_compares_and_names_what_changed(tmp_path):
+def test_run_identity_records_compares_and_names_what_changed(tmp_path, monkeypatch):
     import json
 
     from omegaconf import OmegaConf
@@ -169,6 +169,17 @@ def test_run_identity_records_compares_and_names_what_changed(tmp_path):
     assert json.loads((run / "identity.json").read_text()) == record            # refusals change nothing
     (tmp_path / "other").mkdir()
     assert check_run_identity(tmp_path / "other", cfg) != digest                 # without the inputs: another identity
+    # a key added after the run was recorded resumes at the value that reproduces the run, and only at that value
+    import core.runs as runs
+    monkeypatch.setitem(runs.ADDED_KEYS, "config.model.extra_key", "old")
+    assert check_run_identity(run, OmegaConf.merge(cfg, {"model": {"extra_key": "old"}}), {"data": "abc"})
+    with pytest.raises(RunIdentityError, match=r"config\.model\.extra_key: '<unset>' -> 'new'"):
+        check_run_identity(run, OmegaConf.merge(cfg, {"model": {"extra_key": "new"}}), {"data": "abc"})
+    with pytest.raises(RunIdentityError, match=r"config\.lr: 0\.1 -> 0\.2"):    # ... and does not hide other changes
+        check_run_identity(run, OmegaConf.merge(cfg, {"lr": 0.2, "model": {"extra_key": "old"}}), {"data": "abc"})
+    with pytest.raises(RunIdentityError, match=r"config\.other_key: '<unset>' -> 'old'"):   # an unlisted key is a change
+        check_run_identity(run, OmegaConf.merge(cfg, {"other_key": "old"}), {"data": "abc"})
+    assert json.loads((run / "identity.json").read_text()) == record
     (run / "identity.json").write_text("{not json")
     with pytest.raises(RunIdentityError, match="identity.json is corrupt"):
         check_run_identity(run, cfg, {"data": "abc"})
