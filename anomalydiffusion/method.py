@@ -36,7 +36,7 @@ from core.data.torch_dataset import to_tensor
 from core.diffusion import TokenReweight, attention_control, cfg_eps, cross_attention_layers, \
     inference_scheduler, noise_to, sample
 from core.engine import Engine, EngineSpec, inference_dtype, make_adamw
-from core.export import GeneratedWriter, item_masks
+from core.export import GeneratedWriter, to_uint8, item_masks
 from core.io import atomic_write, load_weights, read_run_json, read_run_safetensors, write_json
 from core.models import SDComponents, load_model
 from core.models.slim import weights_hash
@@ -578,7 +578,6 @@ def blended_generate(comp: SDComponents, cond: torch.Tensor, uncond: torch.Tenso
                       "weights only there); with guidance != 1 it is off, as in the official code.")
         aar = "none"
     dev, dtype = comp.device, comp.unet.dtype
-    B = normals.shape[0]
     latent = (comp.unet.config.in_channels, comp.latent_size, comp.latent_size)
     sched = ddim(comp)
     sched.set_timesteps(steps)
@@ -727,7 +726,7 @@ def generate(cfg: DictConfig, checkpoint: Path | None, out_dir: Path) -> Path:
             images, _ = blended_generate(comp, cond, uncond, normals, mask_t, gens, steps, float(g.eta),
                                          float(g.guidance), aar, prompt.columns(), tuple(g.aar_clamp),
                                          bool(g.official_start_column))
-            images = (images.permute(0, 2, 3, 1).cpu().numpy() * 255).round().astype(np.uint8)
+            images = to_uint8(images)
             for k, (ty, i) in enumerate(b):
                 if writer.is_done(ty, i):
                     continue
@@ -736,11 +735,7 @@ def generate(cfg: DictConfig, checkpoint: Path | None, out_dir: Path) -> Path:
                                      mask_fraction=round(float(m.mean()), 5))
         shard.barrier()
         if shard.is_main:
-            from core.data import load_folder
-            from core.data.visualize import contact_sheet
-            grid = Path(out_dir) / f"{product}_grid.png"
-            if writer.finalize() or not grid.is_file():
-                contact_sheet(load_folder(out_dir, [product]), grid)
+            writer.finish()
     finally:
         writer.close()
     return Path(out_dir)

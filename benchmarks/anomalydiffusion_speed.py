@@ -16,19 +16,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
-import time
 
 import torch
 
 from anomalydiffusion.method import blended_generate, ddim, item_generator
 from anomalydiffusion.model import EmbeddingPrompt
 from core.models import build_random, load_model
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize()
+from core.timing import device_name, median_seconds
 
 
 def main() -> None:
@@ -73,18 +67,8 @@ def main() -> None:
         return f
 
     fns = {"floor": floor, "none": run("none"), "paper": run("paper"), "official": run("official")}
-    for f in fns.values():
-        f()   # warm-up
-    times = {k: [] for k in fns}
-    for _ in range(a.repeats):
-        for k, f in fns.items():
-            _sync(device)
-            s = time.perf_counter()
-            f()
-            _sync(device)
-            times[k].append(time.perf_counter() - s)
-    med = {k: statistics.median(v) for k, v in times.items()}
-    res = {"device": str(device) if device.type == "cpu" else torch.cuda.get_device_name(device),
+    med = median_seconds(fns, a.repeats, device)
+    res = {"device": device_name(device),
            "threads": torch.get_num_threads(), "model": a.model, "steps": a.steps, "batch": B,
            "seconds_per_image": {k: v / B for k, v in med.items()},
            "ratio_to_floor": {k: med[k] / med["floor"] for k in ("none", "paper", "official")}}

@@ -13,8 +13,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
-import time
 from pathlib import Path
 
 import torch
@@ -22,6 +20,7 @@ from omegaconf import OmegaConf
 
 from core.diffusion import inference_scheduler, layers_at
 from core.models import build_random, load_model
+from core.timing import device_name, median_seconds
 from cut.method import anomaly_token, cut_batch
 
 REPO = Path(__file__).resolve().parents[1]
@@ -68,20 +67,8 @@ def main() -> None:
         return f
 
     fns = {"floor": run(off, "floor"), "cut": run(g, "cut")}
-    for f in fns.values():
-        f()
-    times = {k: [] for k in fns}
-    for _ in range(a.repeats):
-        for k, f in fns.items():
-            if device.type == "cuda":
-                torch.cuda.synchronize()
-            s = time.perf_counter()
-            f()
-            if device.type == "cuda":
-                torch.cuda.synchronize()
-            times[k].append(time.perf_counter() - s)
-    med = {k: statistics.median(v) for k, v in times.items()}
-    res = {"device": str(device) if device.type == "cpu" else torch.cuda.get_device_name(device),
+    med = median_seconds(fns, a.repeats, device)
+    res = {"device": device_name(device),
            "threads": torch.get_num_threads(), "model": a.model, "steps": a.steps, "denoised_steps": len(timesteps),
            "batch": B, "optimisation_passes": passes["cut"], "seconds_per_image": {k: v / B for k, v in med.items()},
            "ratio_to_floor": med["cut"] / med["floor"]}

@@ -14,8 +14,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
-import time
 from pathlib import Path
 
 import torch
@@ -23,15 +21,11 @@ from omegaconf import OmegaConf
 
 from core.diffusion import inference_scheduler
 from core.models import build_random, load_model
+from core.timing import device_name, median_seconds
 from defectdiffu.method import binary_masks, guided_eps
 from defectdiffu.model import DefectDiT, average_masks
 
 REPO = Path(__file__).resolve().parents[1]
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize()
 
 
 def main() -> None:
@@ -90,18 +84,8 @@ def main() -> None:
         comp.decode_latents(z)
 
     fns = {"floor": floor, "method": method}
-    for f in fns.values():
-        f()
-    times = {k: [] for k in fns}
-    for _ in range(a.repeats):
-        for k, f in fns.items():
-            _sync(device)
-            s = time.perf_counter()
-            f()
-            _sync(device)
-            times[k].append(time.perf_counter() - s)
-    med = {k: statistics.median(v) for k, v in times.items()}
-    res = {"device": str(device) if device.type == "cpu" else torch.cuda.get_device_name(device),
+    med = median_seconds(fns, a.repeats, device)
+    res = {"device": device_name(device),
            "threads": torch.get_num_threads(), "model": a.run or a.size, "steps": a.steps, "batch": B,
            "parameters": sum(p.numel() for p in model.parameters()),
            "seconds_per_image": {k: v / B for k, v in med.items()}, "ratio_to_floor": med["method"] / med["floor"]}

@@ -26,14 +26,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
-import time
 
 import torch
 import torch.nn.functional as F
 from omegaconf import OmegaConf
 
 from core.models import build_random, load_model
+from core.timing import median_seconds
 from core.engine import Engine, EngineSpec
 from seas.method import (Batch, SeaSTrainer, TrainingImages, accumulate_gradients, build_prompt, build_rmp,
                          make_scheduler, rmp_batch, rmp_batch_loss, sample_with_masks, start_signal)
@@ -51,31 +50,11 @@ def method_config(experiment: str | None):
     return OmegaConf.merge(METHOD, over)
 
 
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-
-
 PEAK_GIB: dict[str, float] = {}   # peak GPU memory of each timed function (CUDA only)
 
 
 def timed(fns: dict, repeats: int, device: torch.device) -> dict[str, float]:
-    for k, f in fns.items():
-        if device.type == "cuda":
-            torch.cuda.reset_peak_memory_stats(device)
-        f()  # warm-up
-        if device.type == "cuda":
-            _sync(device)
-            PEAK_GIB[k] = torch.cuda.max_memory_allocated(device) / 2 ** 30
-    times = {k: [] for k in fns}
-    for _ in range(repeats):
-        for k, f in fns.items():
-            _sync(device)
-            s = time.perf_counter()
-            f()
-            _sync(device)
-            times[k].append(time.perf_counter() - s)
-    return {k: statistics.median(v) for k, v in times.items()}
+    return median_seconds(fns, repeats, device, PEAK_GIB)
 
 
 def components(name: str, device: torch.device, dtype: torch.dtype | None):

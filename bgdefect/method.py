@@ -27,7 +27,7 @@ from core.data.pairing import nearest_normals
 from core.data.torch_dataset import PairedTransform, to_tensor
 from core.diffusion import attention_control, cross_attention_layers, ddim_invert, inference_scheduler, layers_at
 from core.engine import Engine, EngineSpec, inference_dtype, make_adamw
-from core.export import GeneratedWriter
+from core.export import GeneratedWriter, to_uint8
 from core.io import read_run_json, write_json
 from core.models import SDComponents, load_model
 from core.models.slim import is_slim, load_slim, save_slim, weights_hash
@@ -469,7 +469,7 @@ def generate(cfg: DictConfig, checkpoint: Path | None, out_dir: Path) -> Path:
                     refined = refined_masks(recorder, mk.float(), normalize, float(ref.threshold),
                                             bool(ref.get("within_target", True))) \
                         if bool(ref.enabled) else mk > 0.5
-                images = (images.permute(0, 2, 3, 1).cpu().numpy() * 255).round().astype("uint8")
+                images = to_uint8(images)
                 for k, i in enumerate(b):
                     if writer.is_done(ty, i):
                         continue
@@ -484,11 +484,7 @@ def generate(cfg: DictConfig, checkpoint: Path | None, out_dir: Path) -> Path:
             del comp
         shard.barrier()
         if shard.is_main:
-            from core.data import load_folder
-            from core.data.visualize import contact_sheet
-            grid = Path(out_dir) / f"{product}_grid.png"
-            if writer.finalize() or not grid.is_file():
-                contact_sheet(load_folder(out_dir, [product]), grid)
+            writer.finish()
     finally:
         writer.close()
     return Path(out_dir)

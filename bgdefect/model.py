@@ -28,6 +28,7 @@ import torch.nn.functional as F
 
 from core.diffusion import RegionTokenMask
 from core.diffusion.attention import resize_to_queries
+from core.models.tokenizer import token_runs
 
 C2_INPUTS = ("masked", "literal")
 
@@ -141,14 +142,12 @@ def refine_mask(attention: torch.Tensor, m_prime: torch.Tensor, size: int | tupl
 def token_positions(tokenizer, prompt: str, words: str) -> list[int]:
     """Positions (in the tokenized ``prompt``, start token at 0) of the tokens of ``words``, which must occur in it
     once as a contiguous run of tokens: the defect word(s) of C_def whose attention Eq. 13 reads."""
-    ids = tokenizer(prompt, truncation=True, max_length=tokenizer.model_max_length).input_ids
-    sub = tokenizer(words, add_special_tokens=False).input_ids
-    hits = [i for i in range(len(ids) - len(sub) + 1) if sub and ids[i:i + len(sub)] == sub]
+    hits = token_runs(tokenizer, prompt, words)
     if len(hits) != 1:
         raise ValueError(f"The words '{words}' occur {len(hits)} times as tokens of the prompt '{prompt}'; the mask "
                          f"refinement reads their attention, so they must occur exactly once. Fix: a "
                          f"method.prompt.defect template with {{defect}} once, or method.generate.refine.tokens=non_start.")
-    return list(range(hits[0], hits[0] + len(sub)))
+    return list(hits[0])
 
 
 class DefectAttention:

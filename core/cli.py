@@ -52,6 +52,24 @@ def exit_on_user_error():
         sys.exit(2)
 
 
+def smoke_config(cfg: dict, overrides: dict) -> dict:
+    """A pretraining script's config as a plain dict, with its tiny ``overrides`` merged in when ``cfg['smoke']``."""
+    from omegaconf import OmegaConf
+
+    if not cfg.get("smoke"):
+        return cfg
+    return OmegaConf.to_container(OmegaConf.merge(OmegaConf.create(cfg), OmegaConf.create(overrides)))
+
+
+def run_resolved(run, cfg) -> None:
+    """A pretraining script's Hydra main: ``run`` on the resolved config as a plain dict; a user error is one line
+    on stderr and exit code 2 (:func:`exit_on_user_error`)."""
+    from omegaconf import OmegaConf
+
+    with exit_on_user_error():
+        run(OmegaConf.to_container(cfg, resolve=True))
+
+
 PATH_KEYS = ("hydra.run.dir", "hydra.sweep.dir", "out_dir")
 
 

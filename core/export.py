@@ -81,6 +81,11 @@ def claim_output_dir(root: str | Path) -> Path:
     return root
 
 
+def to_uint8(images: Any) -> np.ndarray:
+    """A (B, 3, H, W) batch in [0, 1] (a tensor) as (B, H, W, 3) uint8 arrays, rounded, for the writer."""
+    return (images.permute(0, 2, 3, 1).float().cpu().numpy() * 255).round().astype(np.uint8)
+
+
 def config_hash(config: Any) -> str:
     """A short stable hash of a JSON-serialisable generation config."""
     return hashlib.sha256(json.dumps(config, sort_keys=True, default=str).encode()).hexdigest()[:12]
@@ -300,6 +305,17 @@ class GeneratedWriter:
             shard_file.unlink()
         return True
 
+    def finish(self) -> Path:
+        """:meth:`finalize`, then the product's contact sheet ``<root>/<product>_grid.png``, drawn again when the
+        manifest changed or the sheet is missing. Call once, from shard 0, after every shard has finished."""
+        from .data import load_folder
+        from .data.visualize import contact_sheet
+
+        grid = self.root / f"{self.product}_grid.png"
+        if self.finalize() or not grid.is_file():
+            contact_sheet(load_folder(self.root, [self.product]), grid)
+        return grid
+
     # ------------------------------------------------------------------------------------------------ repairs
     def _repair_manifest(self, path: Path) -> None:
         if not path.is_file():
@@ -318,5 +334,5 @@ class GeneratedWriter:
                     f.unlink()
 
 
-__all__ = ["GeneratedWriter", "MANIFEST", "OWNER_MARKER", "claim_output_dir", "config_hash", "read_manifest",
+__all__ = ["GeneratedWriter", "MANIFEST", "OWNER_MARKER", "claim_output_dir", "config_hash", "read_manifest", "to_uint8",
            "shard_manifests"]

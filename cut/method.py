@@ -24,10 +24,11 @@ from core.data import training_normals
 from core.data.torch_dataset import PairedTransform, to_tensor
 from core.data import read_image
 from core.diffusion import AttentionStore, attention_control, inference_scheduler, layers_at
-from core.export import GeneratedWriter
+from core.export import GeneratedWriter, to_uint8
 from core.io import write_json
 from core.models import SDComponents, load_model
 from core.models.slim import weights_hash
+from core.models.tokenizer import token_runs
 from core.runs import item_generator, positive_int, resolve_device
 
 from .model import (activated_pixels, annotation, attention_loss, foreground_mask, masked_update, refinement_threshold,
@@ -58,14 +59,12 @@ def unknown_words(tokenizer, text: str) -> list[str]:
 
 def anomaly_token(tokenizer, prompt: str, word: str) -> int:
     """Position of ``word``'s (last) token in the tokenized ``prompt`` (start token at 0); it must occur once."""
-    ids = tokenizer(prompt, truncation=True, max_length=tokenizer.model_max_length).input_ids
-    sub = tokenizer(word, add_special_tokens=False).input_ids
-    hits = [i for i in range(len(ids) - len(sub) + 1) if sub and ids[i:i + len(sub)] == sub]
+    hits = token_runs(tokenizer, prompt, word)
     if len(hits) != 1:
         raise ValueError(f"The anomaly word '{word}' occurs {len(hits)} times as tokens of the prompt '{prompt}'; "
                          f"CUT optimises its attention, so it must occur exactly once. Fix: method.generate.prompt "
                          f"with the word once, or method.generate.anomaly_word.")
-    return hits[0] + len(sub) - 1
+    return hits[0][-1]
 
 
 def build_prompt(cfg: DictConfig, comp: SDComponents, product: str) -> tuple[str, int]:
@@ -201,7 +200,6 @@ def generate(cfg: DictConfig, checkpoint: Path | None, out_dir: Path) -> Path:
         todo = [i for i in range(n) if not writer.is_done(folder, i)]
         for b0 in tqdm(range(0, len(todo), bs), desc=f"CUT ({product}, '{prompt}')"):
             idx = todo[b0:b0 + bs]
-            B = len(idx)
             gens = [item_generator(int(cfg.seed), product, folder, i) for i in idx]
             src = [int(torch.randint(len(normals), (1,), generator=q)) for q in gens]
             noise = torch.stack([torch.randn(comp.unet.config.in_channels, comp.latent_size, comp.latent_size,
@@ -210,16 +208,12 @@ def generate(cfg: DictConfig, checkpoint: Path | None, out_dir: Path) -> Path:
             images, last_map, stopped, iters = cut_batch(comp, timesteps, layers, cond, uncond, token, g, x, noise, T)
             soft = annotation(last_map, comp.resolution)
             masks = (soft >= float(g.annotation_threshold)).cpu().numpy()
-            arr = (images.permute(0, 2, 3, 1).cpu().numpy() * 255).round().astype("uint8")
+            arr = to_uint8(images)
             for k, i in enumerate(idx):
                 writer.write_anomaly(folder, i, arr[k], masks[k], source=normals[src[k]], prompt=prompt,
                                      optimisation_iterations=iters, stopped_early=bool(stopped[k]),
                                      mask_fraction=round(float(masks[k].mean()), 5))
-        grid = Path(out_dir) / f"{product}_grid.png"
-        if writer.finalize() or not grid.is_file():
-            from core.data import load_folder
-            from core.data.visualize import contact_sheet
-            contact_sheet(load_folder(out_dir, [product]), grid)
+        writer.finish()
     finally:
         writer.close()
     return Path(out_dir)

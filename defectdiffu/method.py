@@ -19,7 +19,6 @@ from typing import Sequence
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from omegaconf import DictConfig, OmegaConf
 from tqdm.auto import tqdm
 
@@ -28,7 +27,7 @@ from core.data import DatasetError, Sample, load_from_config, read_image, read_m
 from core.data.torch_dataset import PairedTransform, to_tensor
 from core.diffusion import inference_scheduler, isodata_threshold
 from core.engine import Engine, EngineSpec
-from core.export import GeneratedWriter
+from core.export import GeneratedWriter, to_uint8
 from core.io import read_run_json, write_json
 from core.models import SDComponents, load_model
 from core.models.dit import DiT, load_matching
@@ -266,7 +265,7 @@ def guided_eps(model: DefectDiT, z: torch.Tensor, t: torch.Tensor, y: dict[str, 
     (c_d, 0) in one call; ``single_scale`` (the official test script) (c_d, c_p) and (c_g, c_p). ``y``: the branch
     texts, each (branches * B, D) in that order. Returns (eps, the mask features of the defect branch)."""
     k = 3 if rule == "double_free" else 2
-    B, C = z.shape[0], model.in_channels
+    C = model.in_channels
     out, mask_f, _ = model(z.repeat(k, 1, 1, 1), t.repeat(k), y["product"], y["defect"], y["fusion"])
     parts, masks = out[:, :C].chunk(k), mask_f.chunk(k)
     if rule == "double_free":
@@ -344,7 +343,7 @@ def generate(cfg: DictConfig, checkpoint: Path | None, out_dir: Path) -> Path:
                         z = sched.step(eps, tstep, z).prev_sample
                     images = comp.decode_latents(z).float().clamp(0, 1)
                     masks = binary_masks(comp, average_masks(recorded)) if folder is not None else None
-                arr = (images.permute(0, 2, 3, 1).cpu().numpy() * 255).round().astype("uint8")
+                arr = to_uint8(images)
                 for k, i in enumerate(idx):
                     if folder is None:
                         writer.write_normal(i, arr[k], guidance="double_free", w_p=w_p, w_d=0.0)
@@ -352,11 +351,7 @@ def generate(cfg: DictConfig, checkpoint: Path | None, out_dir: Path) -> Path:
                         writer.write_anomaly(folder, i, arr[k], masks[k], defect=defect, guidance=r,
                                              w_p=w_p, w_d=w_d, zero_shot=bool(wanted) and folder not in own,
                                              mask_fraction=round(float(masks[k].mean()), 5))
-        grid = Path(out_dir) / f"{product}_grid.png"
-        if writer.finalize() or not grid.is_file():
-            from core.data import load_folder
-            from core.data.visualize import contact_sheet
-            contact_sheet(load_folder(out_dir, [product]), grid)
+        writer.finish()
     finally:
         writer.close()
     return Path(out_dir)

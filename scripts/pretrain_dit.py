@@ -5,11 +5,11 @@
     python scripts/pretrain_dit.py smoke=true out_dir=/tmp/dit work_dir=/tmp/dit_work   # smoke run (tiny prior)
 """
 import json
-import sys
 
 import hydra
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
+from core.cli import run_resolved, smoke_config
 from core.models.pretrain_dit import pretrain_dit
 
 SMOKE = {"prior": {"kind": "tiny"}, "threads": None,
@@ -21,8 +21,7 @@ SMOKE = {"prior": {"kind": "tiny"}, "threads": None,
 
 
 def run(cfg: dict) -> dict:
-    if cfg["smoke"]:
-        cfg = OmegaConf.to_container(OmegaConf.merge(OmegaConf.create(cfg), OmegaConf.create(SMOKE)))
+    cfg = smoke_config(cfg, SMOKE)
     report = pretrain_dit(cfg, cfg["out_dir"], cfg["work_dir"])
     print(json.dumps(report, indent=2))
     return report
@@ -30,11 +29,7 @@ def run(cfg: dict) -> dict:
 
 @hydra.main(version_base="1.3", config_path="../configs", config_name="pretrain_dit")
 def main(cfg: DictConfig) -> None:
-    try:
-        run(OmegaConf.to_container(cfg, resolve=True))
-    except (FileNotFoundError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+    run_resolved(run, cfg)
 
 
 if __name__ == "__main__":

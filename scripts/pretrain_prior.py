@@ -10,19 +10,18 @@
 Rerunning after an interruption resumes each stage from its checkpoint in ``work_dir``.
 """
 import json
-import sys
 from pathlib import Path
 
 import hydra
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
+from core.cli import run_resolved, smoke_config
 from core.models.prior_report import DEBUG_OVERRIDES, rewrite_card, write_report
 from core.models.pretrain import finetune, pretrain
 
 
 def run(cfg: dict) -> dict:
-    if cfg["smoke"]:
-        cfg = OmegaConf.to_container(OmegaConf.merge(OmegaConf.create(cfg), OmegaConf.create(DEBUG_OVERRIDES)))
+    cfg = smoke_config(cfg, DEBUG_OVERRIDES)
     out_dir, work_dir = Path(cfg["out_dir"]), Path(cfg["work_dir"])
     report = {}
     if cfg["stage"] in ("all", "train"):
@@ -43,11 +42,7 @@ def run(cfg: dict) -> dict:
 
 @hydra.main(version_base="1.3", config_path="../configs", config_name="pretrain_prior")
 def main(cfg: DictConfig) -> None:
-    try:
-        run(OmegaConf.to_container(cfg, resolve=True))
-    except (FileNotFoundError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+    run_resolved(run, cfg)
 
 
 if __name__ == "__main__":

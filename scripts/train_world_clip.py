@@ -4,18 +4,17 @@
     python scripts/train_world_clip.py stage=report       # zero-shot accuracy on the benchmark tree + model card
     python scripts/train_world_clip.py smoke=true out_dir=/tmp/clip work_dir=/tmp/clip_work   # smoke run
 """
-import sys
 from pathlib import Path
 
 import hydra
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
+from core.cli import run_resolved, smoke_config
 from core.models.clip_report import CLIP_DEBUG_OVERRIDES, train, write_report
 
 
 def run(cfg: dict) -> dict:
-    if cfg["smoke"]:
-        cfg = OmegaConf.to_container(OmegaConf.merge(OmegaConf.create(cfg), OmegaConf.create(CLIP_DEBUG_OVERRIDES)))
+    cfg = smoke_config(cfg, CLIP_DEBUG_OVERRIDES)
     out_dir, work_dir = Path(cfg["out_dir"]), Path(cfg["work_dir"])
     report = {}
     if cfg["stage"] in ("all", "train"):
@@ -27,11 +26,7 @@ def run(cfg: dict) -> dict:
 
 @hydra.main(version_base="1.3", config_path="../configs", config_name="world_clip")
 def main(cfg: DictConfig) -> None:
-    try:
-        run(OmegaConf.to_container(cfg, resolve=True))
-    except (FileNotFoundError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+    run_resolved(run, cfg)
 
 
 if __name__ == "__main__":

@@ -31,7 +31,7 @@ from core.data.torch_dataset import PairedTransform, to_tensor
 from core.diffusion import (AttentionStore, attention_control, capture_outputs, cfg_eps, img2img_start,
                             inference_scheduler, previous_latent, sample)
 from core.engine import Engine, EngineSpec, inference_dtype, make_adamw
-from core.export import GeneratedWriter
+from core.export import GeneratedWriter, to_uint8
 from core.io import atomic_write, load_weights, read_run_json, read_run_safetensors, write_json
 from core.models import SDComponents, load_diffusers_dir, load_model
 from core.models.slim import is_slim, load_slim, save_slim, weights_hash
@@ -805,7 +805,7 @@ def generate(cfg: DictConfig, checkpoint: Path | None, out_dir: Path) -> Path:
             images, probs = sample_with_masks(comp, scheduler, z_T, cond, uncond, float(g.guidance), steps,
                                               rmp if is_anomaly else None, int(g.mask_steps), timesteps=timesteps,
                                               mask_latent=str(g.get("mask_latent", "input")))
-            images = (images.permute(0, 2, 3, 1).cpu().numpy() * 255).round().astype(np.uint8)
+            images = to_uint8(images)
             for k, (ty, i) in enumerate(b):
                 if writer.is_done(ty, i):
                     continue
@@ -817,11 +817,7 @@ def generate(cfg: DictConfig, checkpoint: Path | None, out_dir: Path) -> Path:
                     writer.write_anomaly(ty, i, images[k], mask, mask_fraction=round(float(mask.mean()), 5), **source)
         shard.barrier()
         if shard.is_main:
-            from core.data import load_folder
-            from core.data.visualize import contact_sheet
-            grid = Path(out_dir) / f"{cfg.product}_grid.png"
-            if writer.finalize() or not grid.is_file():
-                contact_sheet(load_folder(out_dir, [str(cfg.product)]), grid)
+            writer.finish()
     finally:
         writer.close()  # the folder's write lock
     return Path(out_dir)

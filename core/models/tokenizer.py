@@ -102,6 +102,14 @@ def tokenize(tokenizer: CLIPTokenizer, prompts: Sequence[str]) -> torch.Tensor:
                      return_tensors="pt").input_ids
 
 
+def token_runs(tokenizer, prompt: str, words: str) -> list[range]:
+    """Each place where the tokens of ``words`` occur as a contiguous run in the tokenized ``prompt`` (truncated as
+    the text encoder sees it; start token at 0), as a range of token positions; empty ``words``: none."""
+    ids = tokenizer(prompt, truncation=True, max_length=tokenizer.model_max_length).input_ids
+    sub = tokenizer(words, add_special_tokens=False).input_ids
+    return [range(i, i + len(sub)) for i in range(len(ids) - len(sub) + 1) if sub and ids[i:i + len(sub)] == sub]
+
+
 def add_placeholder_tokens(tokenizer: CLIPTokenizer, text_encoder: CLIPTextModel, tokens: Sequence[str],
                            init_word: str | None = None) -> list[int]:
     """Add ``tokens`` to the vocabulary and embedding table; new rows start from ``init_word``'s embedding.
