@@ -27,18 +27,39 @@ import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
 
 SCAN_TYPES = ("sweep", "scan", "zigzag", "zorder", "hilbert")
 
 
 # ------------------------------------------------------------------------------------------- the selective scan
+def _scan_chunk(h: torch.Tensor, u: torch.Tensor, delta: torch.Tensor, A: torch.Tensor, B: torch.Tensor,
+                C: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The recurrence over one chunk of T steps from state h (b, Kd, N): u, delta (b, Kd, T), B, C (b, K, N, T).
+    Returns (y (b, Kd, T) without the D term, the last state)."""
+    r = u.shape[1] // B.shape[1]
+    dA = torch.exp(delta[:, :, None, :] * A[None, :, :, None])                    # (b, Kd, N, T)
+    dBu = delta[:, :, None, :] * B.repeat_interleave(r, dim=1) * u[:, :, None, :]
+    Cx = C.repeat_interleave(r, dim=1)
+    ys = []
+    for t in range(u.shape[-1]):
+        h = dA[..., t] * h + dBu[..., t]
+        ys.append((h * Cx[..., t]).sum(-1))
+    return torch.stack(ys, dim=-1), h
+
+
 def selective_scan(u: torch.Tensor, delta: torch.Tensor, A: torch.Tensor, B: torch.Tensor, C: torch.Tensor,
                    D: torch.Tensor | None = None, delta_bias: torch.Tensor | None = None,
-                   delta_softplus: bool = True) -> torch.Tensor:
+                   delta_softplus: bool = True, chunk: int = 64) -> torch.Tensor:
     """The S6 recurrence, per channel c (of K groups of d channels) and state n:
     h_t = exp(delta_t A_cn) h_{t-1} + delta_t B_{k,n,t} u_t,  y_t = sum_n C_{k,n,t} h_t + D_c u_t,
     delta = softplus(delta + delta_bias). Shapes: u, delta (b, K d, L); A (K d, N); B, C (b, K, N, L); D (K d,).
-    Returns y (b, K d, L) in float32."""
+    Returns y (b, K d, L) in float32.
+
+    The sequence runs in chunks of ``chunk`` steps; under autograd each chunk is checkpointed (its per-step states
+    are recomputed in the backward pass), so memory grows with b K d N (chunk + L / chunk), not with b K d N L: the
+    (b, Kd, N, L) tensors of a whole sequence are 1 GB for one 32 x 32 decoder level at batch 16, and a training step
+    held several of them per block. Same values and gradients as one chunk."""
     u, delta = u.float(), delta.float()
     b, kd, L = u.shape
     k = B.shape[1]
@@ -48,16 +69,16 @@ def selective_scan(u: torch.Tensor, delta: torch.Tensor, A: torch.Tensor, B: tor
         delta = delta + delta_bias.float()[None, :, None]
     if delta_softplus:
         delta = F.softplus(delta)
-    Bx = B.float().repeat_interleave(kd // k, dim=1)                       # (b, Kd, N, L)
-    Cx = C.float().repeat_interleave(kd // k, dim=1)
-    dA = torch.exp(delta[:, :, None, :] * A.float()[None, :, :, None])     # (b, Kd, N, L)
-    dBu = delta[:, :, None, :] * Bx * u[:, :, None, :]
+    A, B, C = A.float(), B.float(), C.float()
     h = u.new_zeros(b, kd, A.shape[1])
+    grad = torch.is_grad_enabled() and any(x.requires_grad for x in (u, delta, A, B, C))
     ys = []
-    for t in range(L):
-        h = dA[..., t] * h + dBu[..., t]
-        ys.append((h * Cx[..., t]).sum(-1))
-    y = torch.stack(ys, dim=-1)
+    for s in range(0, L, max(1, int(chunk))):
+        part = slice(s, s + max(1, int(chunk)))
+        args = (h, u[..., part], delta[..., part], A, B[..., part], C[..., part])
+        y, h = checkpoint(_scan_chunk, *args, use_reentrant=False) if grad else _scan_chunk(*args)
+        ys.append(y)
+    y = torch.cat(ys, dim=-1)
     return y if D is None else y + u * D.float()[None, :, None]
 
 

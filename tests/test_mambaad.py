@@ -34,6 +34,30 @@ def test_selective_scan_matches_a_naive_loop():
     assert not torch.allclose(y2, y)
 
 
+def test_chunked_checkpointed_scan_gives_the_values_and_gradients_of_one_chunk():
+    torch.manual_seed(1)
+    b, K, d, N, L = 2, 2, 3, 4, 7                                  # 7 steps: chunks of 3 leave a remainder
+    leaves = {"u": torch.randn(b, K * d, L), "delta": torch.randn(b, K * d, L), "A": -torch.rand(K * d, N) - 0.1,
+              "B": torch.randn(b, K, N, L), "C": torch.randn(b, K, N, L), "D": torch.randn(K * d),
+              "delta_bias": torch.randn(K * d)}
+    w = torch.randn(b, K * d, L)                                   # a loss that weighs every output differently
+
+    def run(chunk):
+        x = {k: v.clone().requires_grad_(True) for k, v in leaves.items()}
+        y = selective_scan(**x, delta_softplus=True, chunk=chunk)
+        (y * w).sum().backward()
+        return y.detach(), {k: v.grad for k, v in x.items()}
+
+    y_one, g_one = run(L)
+    for chunk in (1, 3):
+        y, g = run(chunk)
+        assert torch.allclose(y, y_one, atol=1e-6)
+        for k in leaves:
+            assert torch.allclose(g[k], g_one[k], atol=1e-5), k
+    with torch.no_grad():                                          # without autograd: the same values
+        assert torch.allclose(selective_scan(**leaves, chunk=3), y_one, atol=1e-6)
+
+
 @pytest.mark.parametrize("kind", SCAN_TYPES)
 def test_scan_orders_are_permutations_and_paths(kind):
     o = scan_order(8, kind)
