@@ -35,17 +35,21 @@ SCAN_TYPES = ("sweep", "scan", "zigzag", "zorder", "hilbert")
 # ------------------------------------------------------------------------------------------- the selective scan
 def _scan_chunk(h: torch.Tensor, u: torch.Tensor, delta: torch.Tensor, A: torch.Tensor, B: torch.Tensor,
                 C: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """The recurrence over one chunk of T steps from state h (b, Kd, N): u, delta (b, Kd, T), B, C (b, K, N, T).
-    Returns (y (b, Kd, T) without the D term, the last state)."""
-    r = u.shape[1] // B.shape[1]
-    dA = torch.exp(delta[:, :, None, :] * A[None, :, :, None])                    # (b, Kd, N, T)
-    dBu = delta[:, :, None, :] * B.repeat_interleave(r, dim=1) * u[:, :, None, :]
-    Cx = C.repeat_interleave(r, dim=1)
-    ys = []
-    for t in range(u.shape[-1]):
-        h = dA[..., t] * h + dBu[..., t]
-        ys.append((h * Cx[..., t]).sum(-1))
-    return torch.stack(ys, dim=-1), h
+    """The recurrence over one chunk of T steps from state h (b, K, d, N): u, delta (b, K d, T), A (K d, N), B, C
+    (b, K, N, T). Returns (y (b, K d, T) without the D term, the last state). Time is the leading dimension of every
+    per-step tensor, so that each step reads contiguous memory (a slice along the last dimension is strided and made
+    each step several times slower)."""
+    b, K, d, N = h.shape
+    T = u.shape[-1]
+    dt = delta.permute(2, 0, 1).reshape(T, b, K, d, 1)
+    dA = torch.exp(dt * A.reshape(1, 1, K, d, N))                                  # (T, b, K, d, N)
+    dBu = (dt * u.permute(2, 0, 1).reshape(T, b, K, d, 1)) * B.permute(3, 0, 1, 2).unsqueeze(3)
+    hs = []
+    for dA_t, dBu_t in zip(dA.unbind(0), dBu.unbind(0)):   # unbind, not dA[t]: the backward of T selects would
+        h = torch.addcmul(dBu_t, dA_t, h)                   # write T full-size zero gradients
+        hs.append(h)
+    y = (torch.stack(hs) * C.permute(3, 0, 1, 2).unsqueeze(3)).sum(-1)            # (T, b, K, d)
+    return y.reshape(T, b, K * d).permute(1, 2, 0), h
 
 
 def selective_scan(u: torch.Tensor, delta: torch.Tensor, A: torch.Tensor, B: torch.Tensor, C: torch.Tensor,
@@ -70,7 +74,7 @@ def selective_scan(u: torch.Tensor, delta: torch.Tensor, A: torch.Tensor, B: tor
     if delta_softplus:
         delta = F.softplus(delta)
     A, B, C = A.float(), B.float(), C.float()
-    h = u.new_zeros(b, kd, A.shape[1])
+    h = u.new_zeros(b, k, kd // k, A.shape[1])
     grad = torch.is_grad_enabled() and any(x.requires_grad for x in (u, delta, A, B, C))
     ys = []
     for s in range(0, L, max(1, int(chunk))):
