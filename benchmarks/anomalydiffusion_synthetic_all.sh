@@ -6,8 +6,8 @@
 # alone for the other two with AAR_DOWNSTREAM=1 (the baseline and oracle arms are the same runs, seeds included, so
 # they are not trained again). The oracle arm gets as many real defects per type as the generator made (50, oracle_per_type=50): the share
 # of the oracle gap compares equal counts. With SEAS_GENERATED set (e.g. runs/seas_v2ft/generated), SeaS's pairs run under the same protocol too.
-# Every step resumes. MASKS=train makes the AAR-free run take the types' training masks (augmented) instead of the mask
-# generator's (method.generate.masks), e.g. when the mask embeddings were trained too briefly to draw masks.
+# Every step resumes. The AAR-free run takes the types' training masks, augmented (the synthetic experiment's default:
+# its mask embeddings are trained too briefly to draw masks); MASKS=generated takes the mask generator's instead.
 #
 #   bash benchmarks/anomalydiffusion_synthetic_all.sh [run root, default runs/ad_v2] [extra overrides for train.py...]
 set -euo pipefail
@@ -24,7 +24,7 @@ for aar in none paper official; do
   for p in "${PRODUCTS[@]}"; do
     # the AAR variants reuse the masks of the AAR-free run item by item (the mask of item (type, i) does not depend
     # on AAR: it comes from its own stream), so the three folders differ only in the re-weighting
-    masks=("method.generate.masks=${MASKS:-generated}")
+    masks=("method.generate.masks=${MASKS:-train}")
     [ "$aar" != none ] && masks=(method.generate.masks=folder "method.generate.mask_folder=$ROOT/generated_none")
     "$PY" scripts/generate.py checkpoint="$ROOT/train" product="$p" out_dir="$ROOT/generated_$aar" \
       method.generate.aar="$aar" "${masks[@]}"
