@@ -233,3 +233,16 @@ def test_merge_checkpoint_config_takes_the_runs_nodes_unless_the_command_line_ch
     assert own.method.steps == 5
     # a scalar key set inside (product.x=...) keeps the command line's value
     assert merge_checkpoint_config(cfg.copy(), tmp_path, ["product.x=1"]).product == "pill"
+
+
+def test_median_seconds_warms_up_once_then_interleaves_the_rounds_and_takes_medians(monkeypatch):
+    import torch
+
+    import core.timing as timing
+    clock = iter([0.0, 1.0, 1.0, 5.0, 5.0, 10.0, 10.0, 13.0, 13.0, 15.0, 15.0, 115.0])   # a, b, a, b, a, b
+    monkeypatch.setattr(timing.time, "perf_counter", lambda: next(clock))
+    calls = []
+    fns = {"a": lambda: calls.append("a"), "b": lambda: calls.append("b")}
+    med = timing.median_seconds(fns, 3, torch.device("cpu"), peak_gib={})
+    assert calls == ["a", "b"] + ["a", "b"] * 3            # one warm-up each, then interleaved rounds
+    assert med == {"a": 2.0, "b": 4.0}                      # a: 1, 5, 2 -> 2; b: 4, 3, 100 -> 4

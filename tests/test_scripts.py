@@ -222,15 +222,3 @@ def test_pretraining_scripts_turn_a_user_error_into_one_line_and_exit_2(tmp_path
     assert r.returncode == 2 and r.stderr.startswith("error: ") and message in r.stderr, r.stderr[-2000:]
     assert "Traceback" not in r.stderr and not (tmp_path / "out").exists()
 
-
-def test_median_seconds_warms_up_once_then_interleaves_the_rounds_and_takes_medians(monkeypatch):
-    import torch
-
-    import core.timing as timing
-    clock = iter([0.0, 1.0, 1.0, 5.0, 5.0, 10.0, 10.0, 13.0, 13.0, 15.0, 15.0, 115.0])   # a, b, a, b, a, b
-    monkeypatch.setattr(timing.time, "perf_counter", lambda: next(clock))
-    calls = []
-    fns = {"a": lambda: calls.append("a"), "b": lambda: calls.append("b")}
-    med = timing.median_seconds(fns, 3, torch.device("cpu"), peak_gib={})
-    assert calls == ["a", "b"] + ["a", "b"] * 3            # one warm-up each, then interleaved rounds
-    assert med == {"a": 2.0, "b": 4.0}                      # a: 1, 5, 2 -> 2; b: 4, 3, 100 -> 4
