@@ -218,3 +218,23 @@ def test_a_folder_another_job_is_claiming_at_this_moment_is_claimed_too(tmp_path
     (other / f"{OWNER_MARKER}.tmp").write_text("{")            # not the claim's temporary name
     with pytest.raises(DatasetError, match="not empty"):
         claim_output_dir(other)
+
+
+def test_finish_merges_the_manifest_and_draws_the_grid_only_when_something_changed(tmp_path):
+    import torch
+
+    from core.export import to_uint8
+    w = GeneratedWriter(tmp_path, "bottle", "seas", {"a": 1})
+    w.write_anomaly("crack", 1, _img(), _mask())
+    w.write_anomaly("crack", 0, _img(50), _mask())
+    grid = w.finish()
+    assert grid == tmp_path / "bottle_grid.png" and grid.stat().st_size > 0
+    assert [r["index"] for r in read_manifest(tmp_path)] == [0, 1]                  # merged in canonical order
+    grid.write_bytes(b"marker")                                                      # nothing new: not redrawn
+    w.finish()
+    assert grid.read_bytes() == b"marker"
+    grid.unlink()                                                                    # missing: drawn again
+    assert w.finish().stat().st_size > 100
+    w.close()
+    x = torch.tensor([[[[0.0, 1.0]], [[0.5, 0.25]], [[1.0, 0.0]]]])                 # (1, 3, 1, 2)
+    assert to_uint8(x).tolist() == [[[[0, 128, 255], [255, 64, 0]]]]                # channels last, rounded
