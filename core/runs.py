@@ -23,6 +23,7 @@ VOLATILE_KEYS = ("device", "keep_checkpoints")
 # existed: a run recorded without the key resumes when the key has that value (and is refused with any other)
 ADDED_KEYS: dict[str, Any] = {
     "config.alignment_reference": "source",  # eval_generation, 2026-12-06: alignment against the source image
+    "config.generated_types": "dataset",     # eval_downstream / eval_generation, 2026-12-06: the dataset's types
 }
 
 

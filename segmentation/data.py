@@ -56,8 +56,23 @@ def load_generated(root: str | Path, products: Sequence[str], dataset_types: dic
             if unknown:
                 raise DatasetError(
                     f"generated={root}/{p} has anomaly type(s) {', '.join(unknown)} that the dataset's '{p}' does "
-                    f"not have ({', '.join(dataset_types.get(p, []))}). Fix: generate with the dataset's type names.")
+                    f"not have ({', '.join(dataset_types.get(p, []))}). Fix: generate with the dataset's type names; "
+                    f"or, for a method that names its anomalies freely (CUT's text descriptions), pass "
+                    f"generated_types=free (per-type comparisons then pool the product's types).")
     return samples
+
+
+GENERATED_TYPES = ("dataset", "free")
+
+
+def checked_types(cfg, types: dict[str, list[str]]) -> dict[str, list[str]] | None:
+    """The dataset's anomaly types per product that a generated folder must use (``generated_types: dataset``), or
+    ``None`` when its anomalies are named freely (``free``: a text-driven method such as CUT, whose "damaged" is no
+    dataset type); per-type comparisons then pool each product's types."""
+    mode = str(cfg.get("generated_types", "dataset"))
+    if mode not in GENERATED_TYPES:
+        raise ValueError(f"generated_types must be one of {', '.join(GENERATED_TYPES)}, got '{mode}'.")
+    return None if mode == "free" else types
 
 
 def _file_sha256(path: str | Path) -> str:

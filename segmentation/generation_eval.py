@@ -26,7 +26,7 @@ from __future__ import annotations
 
 from collections import defaultdict
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Sequence
 
 import numpy as np
 import torch
@@ -38,7 +38,7 @@ from core.metrics.generation import (ICLPIPSVariant, extract, fid, ic_lpips, inc
                                      lpips_distance, mask_alignment)
 
 from . import tables
-from .data import ImagePool, check_no_test_leak, load_generated
+from .data import ImagePool, check_no_test_leak, checked_types, load_generated
 
 COLUMNS = {"is": "IS", "ic_lpips": "IC-LPIPS", "ic_lpips_anomaly": "IC-LPIPS(a)", "kid": "KID", "fid": "FID",
            "fid_anomaly": "FID(a)", "clip_score": "CLIP score", "alignment": "Alignment"}
@@ -87,6 +87,15 @@ def clip_score(encoder, images, prompts) -> float:
     return float(torch.cat(scores).mean())
 
 
+def best_clip_score(encoder, images, prompts) -> float:
+    """Mean over images of 100 * max(cos(image, text), 0) for the best of ``prompts`` (shared by all images): the CLIP
+    score of an anomaly no single prompt names (CUT's "damaged"), against the closest of the product's defects."""
+    txt = encoder.text_embeds(list(prompts))
+    scores = [(100 * (encoder.image_embeds(images[i:i + 64]) @ txt.T).max(dim=1).values).clamp(min=0)
+              for i in range(0, len(images), 64)]
+    return float(torch.cat(scores).mean())
+
+
 def _images(samples, size=None):
     size = size or _native(samples)
     pool = ImagePool(samples, size)
@@ -120,7 +129,8 @@ def eval_generation(cfg: DictConfig, run_dir: Path, extractor=None, lpips_model=
         # of generated normal images instead of stopping; asking for them by name still fails with the fix
         skipped = [m for m in wanted if m in ("kid", "fid")]
         wanted = [m for m in wanted if m not in skipped]
-    generated = load_generated(gen_root, products, types,
+    free = checked_types(cfg, types) is None   # anomalies named freely (CUT): per-type comparisons pool the types
+    generated = load_generated(gen_root, products, None if free else types,
                                need_anomalies=any(m not in ("kid", "fid") for m in wanted),
                                need_normals=bool({"kid", "fid"} & set(wanted)))
     # test images only: copies of the real training normals are the metrics' own sanity check (FID, KID ~0)
@@ -150,6 +160,11 @@ def eval_generation(cfg: DictConfig, run_dir: Path, extractor=None, lpips_model=
     results: dict = defaultdict(dict)
     notes = [f"No generated normal images in {gen_root}: {', '.join(skipped)} (of generated normals against the real "
              f"ones) not computed."] if skipped else []
+    if free:
+        notes.append("generated_types=free: the anomalies are named freely, not by the dataset's types; IC-LPIPS "
+                     "compares them with all of a product's real anomalies, FID(a)'s reference spreads as many real "
+                     "defects evenly over the product's types, and the CLIP score is the best of the product's defect "
+                     "prompts.")
     if reference is not None:
         notes.append(f"Alignment is measured against each source's round trip through the VAE of model="
                      f"{cfg.model.get('name', cfg.model.get('kind'))} (alignment_reference=vae), not the source.")
@@ -164,9 +179,9 @@ def eval_generation(cfg: DictConfig, run_dir: Path, extractor=None, lpips_model=
             if metric not in wanted:
                 continue
             per_type = []
-            for t in types[p]:
-                g = [s for s in gen_anom if s.anomaly_type == t]
-                real = [s for s in split.train if s.product == p and s.label == 1 and s.anomaly_type == t]
+            for t in ([None] if free else types[p]):
+                g = [s for s in gen_anom if t is None or s.anomaly_type == t]
+                real = [s for s in split.train if s.product == p and s.label == 1 and t in (None, s.anomaly_type)]
                 if len(g) < 2 or not real:
                     continue
                 size = _native(real)
@@ -191,7 +206,7 @@ def eval_generation(cfg: DictConfig, run_dir: Path, extractor=None, lpips_model=
             if "fid" in wanted:
                 row["fid"] = fid(fr, ff)
         if "fid_anomaly" in wanted:
-            ref = _oracle_anomalies(cfg, p, gen_anom)
+            ref = _oracle_anomalies(cfg, p, gen_anom, types[p] if free else None)
             size = _native(ref)
             row["fid_anomaly"] = fid(extract(extractor, _images(ref, size)[0])[0],
                                      extract(extractor, _images(gen_anom, size)[0])[0])
@@ -202,7 +217,10 @@ def eval_generation(cfg: DictConfig, run_dir: Path, extractor=None, lpips_model=
         if "clip_score" in wanted:
             from core.models.world_clip import state_prompt
             x, _ = _images(gen_anom)
-            row["clip_score"] = clip_score(clip, x, [state_prompt(p, s.anomaly_type) for s in gen_anom])
+            if free:   # no state prompt names the anomaly: the closest of the product's defect prompts
+                row["clip_score"] = best_clip_score(clip, x, [state_prompt(p, t) for t in types[p]])
+            else:
+                row["clip_score"] = clip_score(clip, x, [state_prompt(p, s.anomaly_type) for s in gen_anom])
     avg = {m: float(np.mean([results[p][m] for p in products if results[p].get(m) is not None]))
            for m in wanted if any(results[p].get(m) is not None for p in products)}
     header = ["Category"] + [COLUMNS[m] for m in wanted]
@@ -269,15 +287,20 @@ def _alignment(gen_root: Path, anomalies, reference: Callable[[torch.Tensor], to
     return float(np.mean(values)) if values else None
 
 
-def _oracle_anomalies(cfg: DictConfig, product: str, generated) -> list:
-    """Real anomalies from the world's oracle stream, as many per type as were generated (the FID(a) reference)."""
+def _oracle_anomalies(cfg: DictConfig, product: str, generated, pooled_types: Sequence[str] | None = None) -> list:
+    """Real anomalies from the world's oracle stream, as many per type as were generated (the FID(a) reference).
+    ``pooled_types`` (anomalies named freely): as many in all as were generated, spread evenly over those types."""
     from collections import Counter
 
     from core.data import load_folder
 
     from .data import oracle_tree
 
-    counts = Counter(s.anomaly_type for s in generated)
+    if pooled_types:
+        n, k = len(generated), len(pooled_types)
+        counts = Counter({t: n // k + (i < n % k) for i, t in enumerate(sorted(pooled_types))})
+    else:
+        counts = Counter(s.anomaly_type for s in generated)
     root = Path(cfg.dataset.root).expanduser().parent / "oracle" / f"seed{cfg.dataset.seed}_res{cfg.dataset.resolution}"
     oracle_tree(root, product, sorted(counts), max(counts.values()), seed=int(cfg.dataset.seed),
                 resolution=int(cfg.dataset.resolution))

@@ -32,7 +32,7 @@ from core.io import write_json
 from core.runs import check_common, check_run_identity, files_identity, resolve_device, save_config
 
 from . import tables
-from .data import ImagePool, check_no_test_leak, load_generated, oracle_tree, take_per_type
+from .data import ImagePool, check_no_test_leak, checked_types, load_generated, oracle_tree, take_per_type
 from .models import build_classifier, build_segmenter, normalizer
 from .scores import max_score, pooled_max_score
 from .train import TrainSpec, predict_maps, train
@@ -670,6 +670,10 @@ def eval_downstream(cfg: DictConfig, run_dir: Path) -> Path:
         split_node = dict(cfg.protocol.split)
         splits[fold] = apply_split(table, split_node.pop("name"), fold=int(fold), **split_node)
     generated = None
+    if "generated" in arms and checked_types(cfg, types) is None \
+            and str(cfg.downstream.get("task", "segmentation")) == "type_classification":
+        raise ValueError("downstream.task=type_classification needs generated anomalies named by the dataset's types; "
+                         "generated_types=free names none. Fix: drop generated_types=free, or use another task.")
     if "generated" in arms:   # fold -> samples; before anything is written: no fold trains on its own test images
         from core.export import read_manifest
         folders, per_fold = generated_folders(cfg), "{fold}" in str(cfg.generated)
@@ -677,7 +681,7 @@ def eval_downstream(cfg: DictConfig, run_dir: Path) -> Path:
         generated = {}
         for fold, folder in folders.items():
             if folder not in loaded:
-                loaded[folder] = load_generated(folder, products, types, need_anomalies=True)
+                loaded[folder] = load_generated(folder, products, checked_types(cfg, types), need_anomalies=True)
             generated[fold] = loaded[folder]
             check_no_test_leak(generated[fold], [s for s in splits[fold].test if s.product in products], folder)
             check_generated_fold([r for r in read_manifest(folder) if r.get("product") in products], folder, fold,

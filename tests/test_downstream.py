@@ -533,6 +533,83 @@ def test_clip_score_is_100_times_the_clipped_cosine():
     assert clip_score(Fixed(), torch.zeros(3, 3, 8, 8), ["a", "b", "c"]) == pytest.approx(100 * 1.6 / 3)
 
 
+def test_best_clip_score_takes_each_image_s_closest_prompt():
+    from segmentation.generation_eval import best_clip_score
+
+    class Fixed:
+        def image_embeds(self, x):
+            return torch.tensor([[1.0, 0.0], [0.0, 1.0], [-1.0, 0.0]])[: len(x)]
+
+        def text_embeds(self, prompts):
+            return torch.tensor([[0.6, 0.8], [0.8, -0.6]])[: len(prompts)]
+
+    # image 0: cosines 0.6, 0.8 -> 0.8; image 1: 0.8, -0.6 -> 0.8; image 2: -0.6, -0.8 -> -0.6, clipped to 0
+    assert best_clip_score(Fixed(), torch.zeros(3, 3, 8, 8), ["a", "b"]) == pytest.approx(100 * 1.6 / 3)
+    # one prompt: the plain CLIP score against that prompt for every image
+    assert best_clip_score(Fixed(), torch.zeros(3, 3, 8, 8), ["a"]) == pytest.approx(100 * 1.4 / 3)
+
+
+def _freely_named(gen: Path, dst: Path, word: str = "damaged") -> Path:
+    """A copy of the stand-in generated folder whose anomalies are all filed under one free word (as CUT's are)."""
+    import shutil
+    shutil.copytree(gen, dst)
+    for p in PRODUCTS:
+        for sub in ("test", "ground_truth"):
+            types = [d for d in (dst / p / sub).iterdir() if d.is_dir() and d.name != "good"]
+            (dst / p / sub / word).mkdir()
+            for d in types:
+                for f in d.glob("*.png"):
+                    f.rename(dst / p / sub / word / f"{d.name}_{f.name}")
+                d.rmdir()
+    return dst
+
+
+def test_freely_named_anomalies_need_generated_types_free_and_then_pool_the_types(world, tmp_path):
+    """CUT files its anomalies under its prompt's word ("damaged"), no dataset type: the default refuses the folder and
+    names the fix; generated_types=free trains on it (protocol=cut), and eval_generation pools the product's types
+    (FID(a)'s reference: as many real defects as generated, spread evenly over the types)."""
+    from collections import Counter
+
+    from core.models.world_clip import ClipEncoder, build_world_clip
+    from segmentation.generation_eval import _oracle_anomalies, eval_generation
+
+    w, gen = world
+    free = _freely_named(gen, tmp_path / "free")
+    n_gen = {p: len(list((free / p / "test" / "damaged").glob("*.png"))) for p in PRODUCTS}
+    assert all(n == 2 * len(S.PRODUCTS[p].defects) for p, n in n_gen.items())
+    cfg = _cfg(world, "cut", "vlad", ["arms=[generated]", "protocol.split.k=2", "downstream.stages=[2,4]",
+                                      f"generated={free}"])
+    with pytest.raises(DatasetError, match="generated_types=free"):
+        protocols.eval_downstream(cfg, tmp_path / "refused")
+    assert not (tmp_path / "refused" / "identity.json").exists()
+    cfg.generated_types = "free"
+    protocols.eval_downstream(cfg, tmp_path / "vlad")
+    recs = [r for f in (tmp_path / "vlad" / "results").glob("*.json") for r in json.loads(f.read_text())]
+    assert {r["product"]: r["n_train_anomalies"] for r in recs} == n_gen   # every freely named anomaly trains
+    with pytest.raises(ValueError, match="type_classification needs"):   # no type to classify
+        protocols.eval_downstream(_cfg(world, "seas", "resnet34", [f"generated={free}", "generated_types=free"]),
+                                  tmp_path / "types")
+    with initialize_config_dir(config_dir=CONFIGS, version_base="1.3"):
+        ev = compose(config_name="eval_generation",
+                     overrides=[f"dataset.root={w}", "dataset.resolution=64", f"generated={free}",
+                                "metrics.names=[fid_anomaly,clip_score]"])
+    with pytest.raises(DatasetError, match="generated_types=free"):
+        eval_generation(ev, tmp_path / "ev_refused")
+    ev.generated_types = "free"
+    ref = _oracle_anomalies(ev, "bottle", [None] * 7, ["stain", "crack", "missing"])
+    assert Counter(s.anomaly_type for s in ref) == {"crack": 3, "missing": 2, "stain": 2}
+    arch = {"image_size": 64, "patch_size": 16, "max_length": 24, "projection_dim": 8,
+            "vision": {"hidden_size": 16, "intermediate_size": 32, "num_hidden_layers": 1, "num_attention_heads": 2},
+            "text": {"hidden_size": 16, "intermediate_size": 32, "num_hidden_layers": 1, "num_attention_heads": 2}}
+    model, tok = build_world_clip(arch)
+    md = eval_generation(ev, tmp_path / "ev", clip=ClipEncoder(model.eval(), tok, 64)).read_text()
+    rows = [line for line in md.splitlines() if line.startswith("| ")]
+    assert rows[0] == "| Category | FID(a) | CLIP score |" and "generated_types=free" in md
+    for line in rows[1:3]:
+        fid_a, clip_s = (float(c) for c in line.strip("| ").split(" | ")[1:])
+        assert fid_a > 0 and 0 <= clip_s <= 100   # "damaged" has no state prompt: the product's closest defect's
+
+
 def test_cut_protocol_trains_one_vlad_on_generated_anomalies_with_k_normal_shots(world, tmp_path):
     """protocol=cut downstream=vlad: k = 2 normal shots per product; the baseline arm trains nothing (CLIP's zero-shot
     maps + the shots' memory bank), the generated arm trains one VLAD for both products (the unit "all")."""
